@@ -1,0 +1,67 @@
+"""One response contract for an ASGI API gateway: request ids, envelopes, log correlation."""
+
+from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue, ErrorSpec
+from envelope_middleware.exceptions import (
+    ApiError,
+    AuthForbidden,
+    AuthInvalidCredential,
+    AuthMissing,
+    DownstreamInvalidResponse,
+    DownstreamTimeout,
+    DownstreamUnavailable,
+    IdempotencyKeyConflict,
+    Internal,
+    MethodNotAllowed,
+    RateLimited,
+    RequestInvalid,
+    RequestMissingIdempotencyKey,
+    ResourceNotFound,
+    ServiceUnavailable,
+    StateInvalidTransition,
+)
+from envelope_middleware.logging import RequestIdFilter
+from envelope_middleware.middleware import EnvelopeMiddleware
+from envelope_middleware.propagation import (
+    async_request_id_hook,
+    request_id_headers,
+    request_id_hook,
+)
+from envelope_middleware.request_id import (
+    get_request_id,
+    hex_request_id,
+    is_safe_request_id,
+    prefixed_uuid_request_id,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CATALOGUE",
+    "ApiError",
+    "AuthForbidden",
+    "AuthInvalidCredential",
+    "AuthMissing",
+    "Catalogue",
+    "DownstreamInvalidResponse",
+    "DownstreamTimeout",
+    "DownstreamUnavailable",
+    "EnvelopeMiddleware",
+    "ErrorSpec",
+    "IdempotencyKeyConflict",
+    "Internal",
+    "MethodNotAllowed",
+    "RateLimited",
+    "RequestIdFilter",
+    "RequestInvalid",
+    "RequestMissingIdempotencyKey",
+    "ResourceNotFound",
+    "ServiceUnavailable",
+    "StateInvalidTransition",
+    "async_request_id_hook",
+    "get_request_id",
+    "hex_request_id",
+    "is_safe_request_id",
+    "prefixed_uuid_request_id",
+    "request_id_headers",
+    "request_id_hook",
+]

@@ -1,0 +1,288 @@
+"""The error side of the contract: what an error response says, and how it is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+
+from envelope_middleware._http import is_json_media_type
+from envelope_middleware.catalogue import Catalogue, ErrorSpec, is_valid_code
+from envelope_middleware.exceptions import ApiError
+
+# Exceptions of optional libraries are named, not imported: the core must not
+# import httpx or httpx2, and a name matches whichever of them the app uses.
+# Both set `__module__` of their public classes to the package name.
+DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
+    f"{package}.{name}": code
+    for package in ("httpx", "httpx2")
+    for name, code in (
+        ("HTTPError", "downstream_unavailable"),
+        ("TransportError", "downstream_unavailable"),
+        ("TimeoutException", "downstream_timeout"),
+        ("DecodingError", "downstream_invalid_response"),
+    )
+}
+
+# A service's error body is read to find its code and message; anything past
+# this many bytes is not an error description worth parsing.
+ERROR_BODY_LIMIT = 64 * 1024
+_MESSAGE_LIMIT = 1024
+_TEXT_MEDIA = (b"text/plain",)
+_MAPPED_CACHE_SIZE = 1024
+# Answers the middleware itself gives: unhandled exceptions, invalid 2xx JSON.
+_REQUIRED_CODES = frozenset({"internal", "request_invalid", "downstream_invalid_response"})
+_PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "code"})
+
+
+@dataclass(slots=True)
+class Failure:
+    """What an error response says: status, code, message, details and extra headers."""
+
+    status: int
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # Set when the failure came from an exception the log should explain.
+    expected: bool = True
+
+
+class ErrorPolicy:
+    """Built once per middleware: the catalogue, the codes kept from services, the exception map."""
+
+    __slots__ = ("_allowed", "_by_name", "_by_type", "_catalogue", "_mapped", "_prebuilt")
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        *,
+        allowed_codes: Iterable[str],
+        exception_codes: Mapping[type[BaseException] | str, str],
+    ) -> None:
+        missing = _REQUIRED_CODES - set(catalogue)
+        if missing:
+            raise ValueError(f"the catalogue lacks codes the middleware answers with: {sorted(missing)}")
+        self._catalogue = catalogue
+        allowed = set(catalogue)
+        for code in allowed_codes:
+            if not is_valid_code(code):
+                raise ValueError(f"allowed code must be lower_snake_case: {code!r}")
+            allowed.add(code)
+        self._allowed = frozenset(allowed)
+        by_type: dict[type[BaseException], ErrorSpec] = {}
+        by_name: dict[str, ErrorSpec] = {}
+        for key, code in {**DEFAULT_EXCEPTION_CODES, **exception_codes}.items():
+            if code not in catalogue:
+                raise ValueError(f"exception {key!r} maps to {code!r}, which is not in the catalogue")
+            if isinstance(key, str):
+                by_name[key] = catalogue[code]
+            else:
+                by_type[key] = catalogue[code]
+        self._by_type = by_type
+        self._by_name = by_name
+        self._mapped: dict[type[BaseException], ErrorSpec | None] = {}
+        # The last resort of the serializer: bodies that cannot fail to build.
+        self._prebuilt = {
+            spec.code: orjson.dumps({"code": spec.code, "message": spec.message, "details": {}})
+            for spec in catalogue.values()
+        }
+
+    # -- from a response ---------------------------------------------------
+
+    def from_response(
+        self, status: int, content_type: bytes | None, body: bytes, *, has_credentials: bool
+    ) -> Failure:
+        """Describe an error response the app or a service sent, keeping only what is safe."""
+        code, message, details = _read_error_body(content_type, body)
+        if code is not None:
+            code = code.lower()
+            if code not in self._allowed:
+                code = None
+        if code is None:
+            code = self.fallback_code(status, has_credentials=has_credentials)
+        if status >= 500:
+            # A 5xx body may hold stack traces or host names: only the code survives.
+            return Failure(status, code, self._default_message(code))
+        return Failure(status, code, message or self._default_message(code), details or {})
+
+    def for_code(self, code: str) -> Failure:
+        """The catalogue's own status and message for `code`."""
+        spec = self._catalogue[code]
+        return Failure(spec.status, spec.code, spec.message)
+
+    def fallback_code(self, status: int, *, has_credentials: bool) -> str:
+        spec = self._catalogue.for_status(status)
+        if status == 401 and {"auth_missing", "auth_invalid_credential"} <= self._allowed:
+            # The contract separates "no credentials" from "wrong credentials";
+            # the request itself tells which one a bare 401 meant.
+            return "auth_invalid_credential" if has_credentials else "auth_missing"
+        return spec.code
+
+    def _default_message(self, code: str) -> str:
+        spec = self._catalogue.get(code)
+        return spec.message if spec is not None else "The request failed."
+
+    # -- from an exception -------------------------------------------------
+
+    def from_exception(self, exc: Exception, *, has_credentials: bool) -> Failure:
+        """Describe the error response for an exception raised by the app."""
+        if isinstance(exc, ApiError):
+            return Failure(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        if isinstance(exc, HTTPException) and 400 <= exc.status_code <= 599:
+            code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
+            message = exc.detail if exc.status_code < 500 and exc.detail else self._default_message(code)
+            return Failure(exc.status_code, code, message, {}, exc.headers or {})
+        spec = self._lookup(type(exc))
+        if spec is None:
+            spec = self._catalogue["internal"]
+        return Failure(spec.status, spec.code, spec.message, expected=False)
+
+    def _lookup(self, exc_type: type[BaseException]) -> ErrorSpec | None:
+        try:
+            return self._mapped[exc_type]
+        except KeyError:
+            pass
+        found: ErrorSpec | None = None
+        for cls in exc_type.__mro__:
+            found = self._by_type.get(cls) or self._by_name.get(f"{cls.__module__}.{cls.__qualname__}")
+            if found is not None:
+                break
+        if len(self._mapped) < _MAPPED_CACHE_SIZE:
+            self._mapped[exc_type] = found
+        return found
+
+    # -- writing -----------------------------------------------------------
+
+    def render(self, request_id: bytes, failure: Failure) -> bytes:
+        """The error envelope's bytes. Never raises: odd details degrade, the code stays."""
+        error = self._dump(failure.code, failure.message, failure.details)
+        return b'{"request_id":"' + request_id + b'","error":' + error + b"}"
+
+    def _dump(self, code: str, message: str, details: Mapping[str, Any]) -> bytes:
+        error = {"code": code, "message": message, "details": details}
+        try:
+            return orjson.dumps(error)
+        except TypeError:
+            pass
+        try:
+            # Non-str keys, Decimals, sets and other objects orjson refuses.
+            return orjson.dumps(error, default=_jsonable, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            pass
+        try:
+            # The stdlib writes integers of any size; lone surrogates, which no
+            # strict parser accepts even escaped, become "?" on encoding.
+            return json.dumps(
+                error,
+                default=_jsonable,
+                skipkeys=True,
+                allow_nan=False,
+                ensure_ascii=False,
+                separators=(",", ":"),
+            ).encode("utf-8", "replace")
+        except Exception:  # noqa: S110 - a serializer that cannot fail falls through to prebuilt bytes
+            pass
+        prebuilt = self._prebuilt.get(code)
+        if prebuilt is not None:
+            return prebuilt
+        # `code` is validated lower_snake_case, so this cannot fail.
+        return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _read_error_body(
+    content_type: bytes | None, body: bytes
+) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    """Find (code, message, details) in the error shapes services commonly send."""
+    if not body or content_type is None:
+        return None, None, None
+    if is_json_media_type(content_type):
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None, None, None
+        if isinstance(document, dict):
+            return _read_error_object(document)
+        return None, None, None
+    if content_type.partition(b";")[0].strip().lower() in _TEXT_MEDIA:
+        return None, _clean_message(body), None
+    return None, None, None
+
+
+def _read_error_object(document: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    error = document.get("error")
+    if isinstance(error, dict):
+        # {"error": {"code", "message", "details"}}: this contract's own shape.
+        return (
+            _as_code(error.get("code")),
+            _clean_message(error.get("message")),
+            _as_details(error.get("details")),
+        )
+    if isinstance(error, str):
+        # RFC 6749 §5.2 style: {"error": "invalid_token", "error_description": "..."}.
+        message = document.get("error_description", document.get("message"))
+        return _as_code(error), _clean_message(message), None
+    if "code" in document and ("message" in document or "detail" not in document):
+        # A flat object with a top-level code and message.
+        return (
+            _as_code(document.get("code")),
+            _clean_message(document.get("message")),
+            _as_details(document.get("details")),
+        )
+    if "title" in document or "type" in document:
+        # RFC 9457 problem details: detail/title are the message, extension members the details.
+        extensions = {k: v for k, v in document.items() if k not in _PROBLEM_MEMBERS}
+        message = _clean_message(document.get("detail")) or _clean_message(document.get("title"))
+        return _as_code(document.get("code")), message, extensions or None
+    if "detail" in document:
+        # {"detail": "..."} (Starlette, FastAPI, DRF) or {"detail": [...]} (FastAPI validation).
+        detail = document["detail"]
+        if isinstance(detail, str):
+            return None, _clean_message(detail), None
+        return None, None, _as_details(detail)
+    return None, None, None
+
+
+def _as_code(value: object) -> str | None:
+    if isinstance(value, str) and is_valid_code(value.lower()):
+        return value
+    return None
+
+
+def _as_details(value: object) -> dict[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return {"errors": value}
+    return None
+
+
+def _clean_message(value: object) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    # Plain text that is long or not printable is a page or a dump, not a message.
+    if not value or len(value) > _MESSAGE_LIMIT or not value.isprintable():
+        return None
+    return value

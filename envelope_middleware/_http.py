@@ -1,0 +1,94 @@
+"""HTTP facts the middleware needs: which bodies are JSON, which headers describe a body."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+# RFC 9110 §8 representation metadata and §8.8 validators, plus the digest
+# fields of RFC 9530: they describe the bytes of a body, so they are wrong
+# once the middleware has replaced or wrapped those bytes.
+BODY_HEADERS = frozenset(
+    {
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"content-language",
+        b"content-location",
+        b"content-range",
+        b"content-disposition",
+        b"content-md5",
+        b"digest",
+        b"content-digest",
+        b"repr-digest",
+        b"etag",
+        b"last-modified",
+        b"transfer-encoding",
+    }
+)
+
+# Wrapping a body leaves it semantically the same data, so weak validators and
+# Last-Modified stay true; a strong ETag (RFC 9110 §8.8.3) and digests promise
+# these exact bytes and must go.
+WRAPPED_BODY_HEADERS = frozenset(
+    {
+        b"content-length",
+        b"content-type",
+        b"content-md5",
+        b"digest",
+        b"content-digest",
+        b"repr-digest",
+    }
+)
+
+BOM = b"\xef\xbb\xbf"
+
+_json_media: dict[bytes, bool] = {}
+_JSON_MEDIA_CACHE_SIZE = 256
+
+
+def is_json_media_type(content_type: bytes) -> bool:
+    """`application/json` or any `+json` suffix (RFC 6839), any case, parameters ignored."""
+    cached = _json_media.get(content_type)
+    if cached is not None:
+        return cached
+    media = content_type.partition(b";")[0].strip().lower()
+    result = media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+    # A bounded cache: content types come from the app, not from clients, so
+    # there are few; the bound only guards against an app that varies them.
+    if len(_json_media) < _JSON_MEDIA_CACHE_SIZE:
+        _json_media[content_type] = result
+    return result
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of `name` (lowercase) in raw ASGI headers, or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+_raw_decoder = msgspec.json.Decoder(type=msgspec.Raw)
+
+
+def json_error(body: bytes) -> str | None:
+    """Return why `body` is not a JSON text (RFC 8259), or None when it is.
+
+    Decoding into `msgspec.Raw` checks the syntax, numbers of any size
+    included, without building objects; it does not check the UTF-8 of
+    string contents, so a non-ASCII body is also decoded once.
+    """
+    try:
+        _raw_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        return str(exc)
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"invalid UTF-8 at byte {exc.start}"
+    return None

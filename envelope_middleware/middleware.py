@@ -1,0 +1,517 @@
+"""EnvelopeMiddleware: one response contract for every HTTP response of an ASGI app."""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.contextvars import bind_contextvars, reset_contextvars
+
+from envelope_middleware._errors import ERROR_BODY_LIMIT, ErrorPolicy, Failure
+from envelope_middleware._http import (
+    BODY_HEADERS,
+    BOM,
+    WRAPPED_BODY_HEADERS,
+    RawHeaders,
+    header_value,
+    is_json_media_type,
+    json_error,
+)
+from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
+from envelope_middleware.request_id import (
+    RequestIdFormat,
+    _request_id,
+    hex_request_id,
+    is_safe_request_id,
+    resolve_generator,
+)
+
+__all__ = ["SCOPE_KEY", "EnvelopeMiddleware"]
+
+# Set on the scope of every request the middleware handles; a second instance
+# further in sees it and steps aside, so a double mount gives one envelope.
+SCOPE_KEY = "envelope_middleware.request_id"
+
+# Below this size prefix, body and suffix are joined into one message; above
+# it, copying costs more than two extra sends (see benchmarks/README.md).
+_JOIN_LIMIT = 64 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
+_EMPTY_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+_SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
+
+
+class _Mode(enum.Enum):
+    PASS = enum.auto()  # forwarded as it is, apart from the id header
+    BODYLESS = enum.auto()  # 204/205/304: forwarded without body bytes
+    WRAP_STREAM = enum.auto()  # 2xx JSON, trusted: bytes streamed inside the envelope
+    WRAP_BUFFER = enum.auto()  # 2xx JSON, validated: held whole, checked, then wrapped
+    ERROR = enum.auto()  # >= 400: read, then replaced by an error envelope
+
+
+class EnvelopeMiddleware:
+    """Give every HTTP response of `app` the envelope contract.
+
+    * Every response gets one request-id header; enveloped bodies also carry
+      the id as `request_id`.
+    * A 2xx JSON body becomes `{"request_id", "data": <the body's bytes>}`.
+    * Every response with status >= 400, and every exception, becomes
+      `{"request_id", "error": {"code", "message", "details"}}`.
+
+    Options:
+        request_id_format: "hex" (32 lowercase hex, the default), "prefixed_uuid"
+            (`req_<uuid4>`) or a callable returning a new id.
+        request_id_header: the header carrying the id, on responses and, when
+            trusted, on requests.
+        trust_request_id: reuse a valid incoming id instead of making one.
+        validate_json: check that a 2xx JSON body is JSON before wrapping it
+            (the default); an invalid one becomes 502 `downstream_invalid_response`.
+            With False, bodies stream through without being held.
+        exclude_paths: paths (and the paths below them) whose responses keep
+            their bodies; they still get the id header and the access log.
+        catalogue: the error codes; `DEFAULT_CATALOGUE.extend(...)` adds a gateway's own.
+        allowed_codes: codes outside the catalogue that a service's error body may keep.
+        exception_codes: exception type (or "module.QualName") -> catalogue code, for
+            exceptions that are not `ApiError`s; added to the httpx/httpx2 defaults.
+        access_log: emit one `http_request` log event per request.
+        bind_contextvars: bind request_id, method and path in structlog's contextvars
+            for every log line of the request.
+        logger: the structlog logger to write to (default: `envelope_middleware`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        request_id_format: RequestIdFormat = "hex",
+        request_id_header: str = "X-Request-ID",
+        trust_request_id: bool = False,
+        validate_json: bool = True,
+        exclude_paths: Iterable[str] = (),
+        catalogue: Catalogue = DEFAULT_CATALOGUE,
+        allowed_codes: Iterable[str] = (),
+        exception_codes: Mapping[type[BaseException] | str, str] | None = None,
+        access_log: bool = True,
+        bind_contextvars: bool = True,
+        logger: Any = None,
+    ) -> None:
+        if not _TOKEN.fullmatch(request_id_header):
+            raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
+        self.app = app
+        self.generate_id = resolve_generator(request_id_format)
+        self.check_generated = request_id_format not in ("hex", "prefixed_uuid")
+        self.id_header = request_id_header.lower().encode("ascii")
+        self.trust_request_id = trust_request_id
+        self.validate_json = validate_json
+        paths = [path.rstrip("/") or "/" for path in exclude_paths]
+        for path in paths:
+            if not path.startswith("/"):
+                raise ValueError(f"excluded paths start with '/': {path!r}")
+        self.excluded_paths = frozenset(paths)
+        self.excluded_prefixes = tuple(path + "/" for path in paths if path != "/")
+        self.errors = ErrorPolicy(
+            catalogue, allowed_codes=allowed_codes, exception_codes=exception_codes or {}
+        )
+        self.access_log = access_log
+        self.bind_contextvars = bind_contextvars
+        self.logger = logger if logger is not None else structlog.get_logger("envelope_middleware")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+            return
+
+        request_id = self._request_id(scope)
+        scope[SCOPE_KEY] = request_id
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["request_id"] = request_id
+
+        exchange = _Exchange(self, scope, send, request_id)
+        id_token = _request_id.set(request_id)
+        log_tokens = (
+            bind_contextvars(request_id=request_id, method=scope["method"], path=scope["path"])
+            if self.bind_contextvars
+            else None
+        )
+        started = time.perf_counter()
+        try:
+            try:
+                await self.app(scope, receive, exchange.send)
+            except Exception as exc:
+                if not await exchange.fail(exc):
+                    raise
+            else:
+                await exchange.finish()
+        finally:
+            if self.access_log:
+                self.logger.info(
+                    "http_request",
+                    request_id=request_id,
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=exchange.status,
+                    error_code=exchange.error_code,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                    bytes_sent=exchange.bytes_sent,
+                )
+            if log_tokens is not None:
+                reset_contextvars(**log_tokens)
+            _request_id.reset(id_token)
+
+    def _request_id(self, scope: Scope) -> str:
+        if self.trust_request_id:
+            incoming = self._incoming_request_id(scope)
+            if incoming is not None:
+                return incoming
+        request_id = self.generate_id()
+        if self.check_generated and not (isinstance(request_id, str) and is_safe_request_id(request_id)):
+            # A custom generator's id goes unescaped into headers and JSON; an
+            # unsafe one is replaced rather than failing the request.
+            self.logger.error("request_id_generator_unsafe", generated_type=type(request_id).__name__)
+            return hex_request_id()
+        return request_id
+
+    def _incoming_request_id(self, scope: Scope) -> str | None:
+        found: bytes | None = None
+        for name, value in scope["headers"]:
+            if name.lower() == self.id_header:
+                if found is not None:
+                    return None  # two ids: neither can be trusted
+                found = value
+        if found is None:
+            return None
+        try:
+            candidate = found.decode("ascii").strip(" \t")  # RFC 9110 §5.5: OWS around values
+        except UnicodeDecodeError:
+            return None
+        return candidate if is_safe_request_id(candidate) else None
+
+    def is_excluded(self, path: str) -> bool:
+        return path in self.excluded_paths or (
+            bool(self.excluded_prefixes) and path.startswith(self.excluded_prefixes)
+        )
+
+
+class _Exchange:
+    """One request's response, as it passes from the app through the middleware."""
+
+    __slots__ = (
+        "body_size",
+        "bom_stripped",
+        "bytes_sent",
+        "chunks",
+        "complete",
+        "downstream_started",
+        "error_code",
+        "id_header",
+        "mode",
+        "mw",
+        "request_id",
+        "request_id_str",
+        "scope",
+        "send_downstream",
+        "start",
+        "status",
+    )
+
+    def __init__(self, mw: EnvelopeMiddleware, scope: Scope, send: Send, request_id: str) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.send_downstream = send
+        self.request_id_str = request_id
+        self.request_id = request_id.encode("ascii")
+        self.id_header = (mw.id_header, self.request_id)
+        self.mode: _Mode | None = None
+        self.start: Message | None = None  # the app's start, while held
+        self.status: int | None = None  # what the client was sent
+        self.error_code: str | None = None
+        self.chunks: list[bytes] = []
+        self.body_size = 0
+        self.bytes_sent = 0
+        self.downstream_started = False
+        self.complete = False
+        self.bom_stripped = False
+
+    # -- messages from the app -----------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            await self._on_body(message)
+        elif kind == "http.response.start":
+            await self._on_start(message)
+        else:
+            await self._on_other(message)
+
+    async def _on_start(self, message: Message) -> None:
+        if self.mode is not None:
+            raise RuntimeError("the app sent http.response.start twice")
+        status: int = message["status"]
+        headers: RawHeaders = message.get("headers") or []
+        mode = self._choose_mode(status, headers, trailers=message.get("trailers", False))
+        self.mode = mode
+        if mode is _Mode.PASS or mode is _Mode.BODYLESS:
+            drop = (b"content-length",) if status == 204 else ()  # RFC 9110 §8.6
+            await self._send_start({**message, "headers": self._replace(headers, drop)})
+        else:
+            self.start = message
+
+    def _choose_mode(self, status: int, headers: RawHeaders, *, trailers: bool) -> _Mode:
+        if self.scope["method"] == "HEAD" or self.mw.is_excluded(self.scope["path"]):
+            return _Mode.PASS
+        if status in (204, 205, 304):
+            return _Mode.BODYLESS
+        if status >= 400:
+            return _Mode.ERROR
+        if not 200 <= status < 300 or status == 206 or trailers:
+            return _Mode.PASS
+        content_type = header_value(headers, b"content-type")
+        if (
+            content_type is None
+            or not is_json_media_type(content_type)
+            or header_value(headers, b"content-encoding") not in (None, b"identity")
+        ):
+            return _Mode.PASS
+        return _Mode.WRAP_BUFFER if self.mw.validate_json else _Mode.WRAP_STREAM
+
+    async def _on_body(self, message: Message) -> None:
+        if self.complete:
+            raise RuntimeError("the app sent a body after the response was complete")
+        mode = self.mode
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        held = self.start
+        if mode is _Mode.PASS:
+            self.bytes_sent += len(body)
+            self.complete = not more
+            await self.send_downstream(message)
+        elif held is None:
+            if mode is _Mode.WRAP_STREAM:
+                await self._write((body, b"}") if not more else (body,), more=more)
+            elif mode is _Mode.BODYLESS:
+                self.complete = not more
+                await self.send_downstream({"type": "http.response.body", "body": b"", "more_body": more})
+            else:
+                raise RuntimeError("the app sent a body before http.response.start")
+        elif mode is _Mode.WRAP_BUFFER:
+            self.chunks.append(body)
+            if not more:
+                await self._send_wrapped_buffer(held)
+        elif mode is _Mode.WRAP_STREAM:
+            await self._open_wrapped_stream(held, body, more=more)
+        else:  # _Mode.ERROR
+            if self.body_size < ERROR_BODY_LIMIT:
+                self.chunks.append(body)
+                self.body_size += len(body)
+            if not more:
+                await self._send_error_from_response(held)
+
+    async def _on_other(self, message: Message) -> None:
+        kind = message["type"]
+        held = self.start
+        if held is not None and kind in _SENDFILE_MESSAGES:
+            if self.mode is _Mode.ERROR:
+                # An error page sent as a file: its bytes are not read, the status decides.
+                await self._send_error_from_response(held)
+                return
+            # A JSON file sent by path cannot be wrapped without reading it: it passes.
+            self.mode = _Mode.PASS
+            await self._send_start({**held, "headers": self._replace(held.get("headers") or [])})
+        elif kind == "http.response.trailers" and self.mode is _Mode.ERROR:
+            return  # the error envelope is sent without trailers
+        if kind in _SENDFILE_MESSAGES:
+            self.complete = True
+        await self.send_downstream(message)
+
+    # -- wrapping 2xx JSON ---------------------------------------------------
+
+    async def _send_wrapped_buffer(self, held: Message) -> None:
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        if body.startswith(BOM):
+            # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
+            body = body[3:]
+        if not body:
+            body = b"null"
+        else:
+            problem = json_error(body)
+            if problem is not None:
+                # The body may hold anything: its size and the parser's reason are logged, not it.
+                self.mw.logger.warning(
+                    "downstream_invalid_json",
+                    request_id=self.request_id_str,
+                    body_bytes=len(body),
+                    reason=problem,
+                )
+                await self._send_error(self.mw.errors.for_code("downstream_invalid_response"), [])
+                return
+        prefix = self._envelope_prefix()
+        await self._send_start(self._wrapped_start(held, len(prefix) + len(body) + 1))
+        await self._write((prefix, body, b"}"), more=False)
+
+    async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
+        if body.startswith(BOM):
+            body = body[3:]
+            self.bom_stripped = True
+        if not body:
+            if more:
+                return  # nothing to show yet: an empty body must become null
+            body = b"null"
+        prefix = self._envelope_prefix()
+        if more:
+            length = self._streamed_length(held, len(prefix) + 1)
+            await self._send_start(self._wrapped_start(held, length))
+            await self._write((prefix, body), more=True)
+        else:
+            await self._send_start(self._wrapped_start(held, len(prefix) + len(body) + 1))
+            await self._write((prefix, body, b"}"), more=False)
+
+    def _streamed_length(self, held: Message, overhead: int) -> int | None:
+        # The app's Content-Length, if it gave one, plus the envelope around it;
+        # otherwise none, and the server frames the body (chunked, RFC 9112 §7.1).
+        declared = header_value(held.get("headers") or [], b"content-length")
+        if declared is None or not declared.isdigit():
+            return None
+        # A stripped BOM was counted in the app's length.
+        return int(declared) + overhead - (3 if self.bom_stripped else 0)
+
+    def _envelope_prefix(self) -> bytes:
+        return b'{"request_id":"' + self.request_id + b'","data":'
+
+    def _wrapped_start(self, held: Message, content_length: int | None) -> Message:
+        headers = [
+            (name, value)
+            for name, value in held.get("headers") or []
+            if (lowered := name.lower()) not in WRAPPED_BODY_HEADERS
+            and lowered != self.mw.id_header
+            and not (lowered == b"etag" and not value.startswith(b"W/"))
+        ]
+        headers.append((b"content-type", b"application/json"))
+        if content_length is not None:
+            headers.append((b"content-length", b"%d" % content_length))
+        headers.append(self.id_header)
+        return {**held, "headers": headers}
+
+    # -- errors --------------------------------------------------------------
+
+    async def _send_error_from_response(self, held: Message) -> None:
+        headers: RawHeaders = held.get("headers") or []
+        body = b"".join(self.chunks) if self.body_size <= ERROR_BODY_LIMIT else b""
+        self.chunks = []
+        failure = self.mw.errors.from_response(
+            held["status"],
+            header_value(headers, b"content-type"),
+            body,
+            has_credentials=self._has_credentials(),
+        )
+        kept = [
+            (name, value)
+            for name, value in headers
+            if (lowered := name.lower()) not in BODY_HEADERS and lowered != self.mw.id_header
+        ]
+        await self._send_error(failure, kept_headers=kept)
+
+    async def fail(self, exc: Exception) -> bool:
+        """Answer for an exception from the app; False when it is too late to answer."""
+        mw = self.mw
+        request_id = self.request_id_str
+        if self.downstream_started:
+            # Bytes are out: a second start is impossible and a clean end would
+            # pass a truncated body off as whole, so the server must abort.
+            mw.logger.error("exception_after_response_started", request_id=request_id, exc_info=exc)
+            return False
+        failure = mw.errors.from_exception(_unwrap(exc), has_credentials=self._has_credentials())
+        if not failure.expected:
+            mw.logger.error(
+                "unhandled_exception", request_id=request_id, error_code=failure.code, exc_info=exc
+            )
+        elif failure.status >= 500:
+            mw.logger.warning("server_error", request_id=request_id, error_code=failure.code, exc_info=exc)
+        self.start = None
+        self.chunks = []
+        await self._send_error(failure, kept_headers=[])
+        return True
+
+    async def finish(self) -> None:
+        """The app returned: make sure the client got a whole response."""
+        if self.complete:
+            return
+        request_id = self.request_id_str
+        if self.downstream_started:
+            # The server sees an unfinished response and closes the connection.
+            self.mw.logger.error("app_returned_mid_response", request_id=request_id)
+            return
+        self.mw.logger.error("app_returned_without_response", request_id=request_id)
+        self.start = None
+        await self._send_error(self.mw.errors.for_code("internal"), [])
+
+    async def _send_error(self, failure: Failure, kept_headers: RawHeaders) -> None:
+        body = self.mw.errors.render(self.request_id, failure)
+        headers = kept_headers
+        for name, value in failure.headers.items():
+            encoded = _encode_header(name, value)
+            if encoded is not None and encoded[0] not in BODY_HEADERS and encoded[0] != self.mw.id_header:
+                headers.append(encoded)
+        headers.append((b"content-type", b"application/json"))
+        headers.append((b"content-length", b"%d" % len(body)))
+        headers.append(self.id_header)
+        self.error_code = failure.code
+        await self._send_start({"type": "http.response.start", "status": failure.status, "headers": headers})
+        if self.scope["method"] == "HEAD":
+            body = b""  # RFC 9110 §9.3.2: the headers say what a GET would have sent
+        await self._write((body,), more=False)
+
+    # -- sending -------------------------------------------------------------
+
+    async def _send_start(self, message: Message) -> None:
+        self.start = None
+        self.downstream_started = True
+        self.status = message["status"]
+        await self.send_downstream(message)
+
+    async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
+        size = sum(map(len, parts))
+        self.bytes_sent += size
+        self.complete = not more
+        send = self.send_downstream
+        if size <= _JOIN_LIMIT or len(parts) == 1:
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": more})
+            return
+        last = len(parts) - 1
+        for index, part in enumerate(parts):
+            if part or index == last:
+                await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
+
+    def _replace(self, headers: RawHeaders, drop: tuple[bytes, ...] = ()) -> RawHeaders:
+        """The app's headers with the id header set to ours (exactly one)."""
+        id_name = self.mw.id_header
+        kept = [(n, v) for n, v in headers if (lowered := n.lower()) != id_name and lowered not in drop]
+        kept.append(self.id_header)
+        return kept
+
+    def _has_credentials(self) -> bool:
+        return header_value(self.scope["headers"], b"authorization") is not None
+
+
+def _unwrap(exc: Exception) -> Exception:
+    # An exception group of one (anyio task groups raise them) means that one exception.
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _encode_header(name: str, value: str) -> tuple[bytes, bytes] | None:
+    # Headers from exceptions are app data: refuse any that could split the response.
+    if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\x00"):
+        return None
+    try:
+        return name.lower().encode("ascii"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None

@@ -1,0 +1,63 @@
+"""Request ids: how they are made, which incoming ones are trusted, and where to read them."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Literal, TypeAlias
+
+__all__ = [
+    "RequestIdFormat",
+    "RequestIdGenerator",
+    "get_request_id",
+    "hex_request_id",
+    "is_safe_request_id",
+    "prefixed_uuid_request_id",
+]
+
+RequestIdGenerator: TypeAlias = Callable[[], str]
+RequestIdFormat: TypeAlias = Literal["hex", "prefixed_uuid"] | RequestIdGenerator
+
+# Every id, generated or received, is spliced unescaped into JSON bodies and
+# response headers, so it must hold no quote, backslash, CR/LF or control
+# character. This allowlist covers hex ids, `req_<uuid4>`, ULIDs and the usual
+# trace-id spellings while leaving no way to break either format.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
+
+_request_id: ContextVar[str | None] = ContextVar("envelope_middleware.request_id", default=None)
+
+
+def hex_request_id() -> str:
+    """Return a production-style id: 32 lowercase hex characters (128 random bits)."""
+    # os.urandom(16).hex() is the same entropy as uuid4().hex without building a UUID.
+    return os.urandom(16).hex()
+
+
+def prefixed_uuid_request_id() -> str:
+    """Return a development-style id: `req_` followed by a UUID4."""
+    return f"req_{uuid.uuid4()}"
+
+
+def is_safe_request_id(value: str) -> bool:
+    """Tell whether `value` may be used as a request id as it is."""
+    return _SAFE_ID.fullmatch(value) is not None
+
+
+def get_request_id() -> str | None:
+    """Return the id of the request being handled, or None outside a request."""
+    return _request_id.get()
+
+
+def resolve_generator(request_id_format: RequestIdFormat) -> RequestIdGenerator:
+    if request_id_format == "hex":
+        return hex_request_id
+    if request_id_format == "prefixed_uuid":
+        return prefixed_uuid_request_id
+    if callable(request_id_format):
+        return request_id_format
+    raise ValueError(
+        f"request_id_format must be 'hex', 'prefixed_uuid' or a callable, not {request_id_format!r}"
+    )

@@ -1,0 +1,951 @@
+"""EnvelopeMiddleware, response by response: the contract of issue #2."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import re
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from envelope_middleware import (
+    DEFAULT_CATALOGUE,
+    ApiError,
+    EnvelopeMiddleware,
+    ErrorSpec,
+    RateLimited,
+    ResourceNotFound,
+    get_request_id,
+)
+from envelope_middleware.middleware import SCOPE_KEY
+from tests.conftest import HEX_ID, JSON, Sent, body, call, drive, make_scope, scripted, start
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def envelope(app: Any, **options: Any) -> EnvelopeMiddleware:
+    return EnvelopeMiddleware(app, access_log=False, **options)
+
+
+def assert_error(sent: Sent, status: int, code: str) -> dict[str, Any]:
+    assert sent.status == status
+    assert sent.header("content-type") == "application/json"
+    assert sent.header("content-length") == str(len(sent.body))
+    document = sent.json()
+    assert set(document) == {"request_id", "error"}
+    assert document["request_id"] == sent.header("x-request-id")
+    assert set(document["error"]) == {"code", "message", "details"}
+    assert document["error"]["code"] == code
+    assert isinstance(document["error"]["message"], str)
+    assert document["error"]["message"]
+    assert isinstance(document["error"]["details"], dict)
+    error: dict[str, Any] = document["error"]
+    return error
+
+
+# -- success envelopes --------------------------------------------------------
+
+
+async def test_envelope_wraps_json_body_in_data_with_request_id() -> None:
+    app = envelope(scripted(start(200, [JSON]), body(b'{"a": 1}')))
+    sent = await call(app)
+    request_id = sent.header("x-request-id")
+    assert request_id is not None
+    assert re.fullmatch(HEX_ID, request_id)
+    assert sent.body == b'{"request_id":"' + request_id.encode() + b'","data":{"a": 1}}'
+    assert sent.header("content-length") == str(len(sent.body))
+    assert sent.header("content-type") == "application/json"
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_keeps_body_bytes_exact_that_a_decode_would_change(validate_json: bool) -> None:
+    # Big integers, duplicate keys, number spellings and escapes survive only if never re-encoded.
+    data = b'{"id": 123456789012345678901234567890, "a": 1, "a": 2, "x": 1.0e+2, "s": "\\u00e9", "f": -0.0}'
+    app = envelope(scripted(start(200, [JSON]), body(data)), validate_json=validate_json)
+    sent = await call(app)
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": orjson.loads(data)}
+    assert sent.body.endswith(b'"data":' + data + b"}")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/json",
+        b"Application/JSON",
+        b"application/json; charset=utf-8",
+        b"application/vnd.partner+json",
+        b"application/problem+json",
+        b" application/json ;charset=UTF-8",
+    ],
+)
+async def test_envelope_recognises_json_content_types(content_type: bytes) -> None:
+    app = envelope(scripted(start(200, [(b"content-type", content_type)]), body(b"[1]")))
+    sent = await call(app)
+    assert sent.json()["data"] == [1]
+    assert sent.header("content-type") == "application/json"
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_turns_empty_2xx_body_into_null_data(validate_json: bool) -> None:
+    app = envelope(scripted(start(201, [JSON]), body(b"", more=True), body(b"")), validate_json=validate_json)
+    sent = await call(app)
+    assert sent.status == 201
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": None}
+    assert sent.header("content-length") == str(len(sent.body))
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_strips_a_utf8_bom_that_would_break_the_envelope(validate_json: bool) -> None:
+    data = b'\xef\xbb\xbf{"a": "\xc3\xa9"}'
+    headers = [JSON, (b"content-length", str(len(data)).encode())]
+    app = envelope(scripted(start(200, headers), body(data[:5], more=True), body(data[5:])), validate_json=validate_json)
+    sent = await call(app)
+    assert sent.json()["data"] == {"a": "é"}
+    declared = sent.header("content-length")
+    assert declared is None or declared == str(len(sent.body))
+
+
+async def test_envelope_validating_mode_joins_chunks_and_sends_one_content_length() -> None:
+    chunks = [b'{"orders": [', b'{"id": 1},', b'{"id": 2}', b"]}"]
+    app = envelope(scripted(start(200, [JSON]), *(body(c, more=True) for c in chunks), body(b"")))
+    sent = await call(app)
+    assert sent.json()["data"] == {"orders": [{"id": 1}, {"id": 2}]}
+    assert sent.header_values("content-length") == [str(len(sent.body))]
+
+
+async def test_envelope_trusted_mode_streams_chunks_without_holding_them() -> None:
+    seen_by_client: list[bytes] = []
+    second_chunk_sent = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start(200, [JSON]))
+        await send(body(b'{"results": [1', more=True))
+        # The client has the first chunk before the app produces the second.
+        assert seen_by_client[-1].endswith(b'{"results": [1')
+        second_chunk_sent.set()
+        await send(body(b", 2]}", more=False))
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError  # pragma: no cover
+
+    messages: list[Message] = []
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.body":
+            seen_by_client.append(message["body"])
+
+    await envelope(app, validate_json=False)(_scope(), receive, send)
+    sent = Sent(messages)
+    assert second_chunk_sent.is_set()
+    assert sent.json()["data"] == {"results": [1, 2]}
+    assert sent.header("content-length") is None  # unknown length: the server frames it
+
+
+async def test_envelope_trusted_mode_adjusts_a_declared_content_length() -> None:
+    data = b'{"page": 1, "size": 2, "total": 2, "orders": [1, 2]}'
+    headers = [JSON, (b"content-length", str(len(data)).encode())]
+    app = envelope(
+        scripted(start(200, headers), body(data[:10], more=True), body(data[10:])), validate_json=False
+    )
+    sent = await call(app)
+    assert sent.header_values("content-length") == [str(len(sent.body))]
+    assert sent.json()["data"]["orders"] == [1, 2]
+
+
+async def test_envelope_large_body_is_sent_without_copying_it_into_the_prefix() -> None:
+    data = b"[" + b"1," * 100_000 + b"1]"
+    app = envelope(scripted(start(200, [JSON]), body(data)))
+    sent = await call(app)
+    assert any(m["body"] is data for m in sent.body_messages)
+    assert sent.json()["data"] == [1] * 100_001
+    assert sent.header("content-length") == str(len(sent.body))
+
+
+async def test_envelope_replaces_content_length_case_insensitively() -> None:
+    app = envelope(scripted(start(200, [JSON, (b"Content-Length", b"2")]), body(b"{}")))
+    sent = await call(app)
+    assert sent.header_values("content-length") == [str(len(sent.body))]
+
+
+async def test_envelope_drops_strong_etag_and_digests_but_keeps_weak_etag_and_other_headers() -> None:
+    headers = [
+        JSON,
+        (b"etag", b'"abc"'),
+        (b"content-digest", b"sha-256=:x:"),
+        (b"digest", b"sha-256=x"),
+        (b"cache-control", b"no-store"),
+        (b"set-cookie", b"a=1"),
+    ]
+    sent = await call(envelope(scripted(start(200, headers), body(b"{}"))))
+    assert sent.header("etag") is None
+    assert sent.header("content-digest") is None
+    assert sent.header("digest") is None
+    assert sent.header("cache-control") == "no-store"
+    assert sent.header("set-cookie") == "a=1"
+    weak = await call(envelope(scripted(start(200, [JSON, (b"etag", b'W/"abc"')]), body(b"{}"))))
+    assert weak.header("etag") == 'W/"abc"'
+
+
+# -- pagination shapes arrive untouched ------------------------------------------
+
+ORDERS = orjson.dumps(
+    {
+        "page": 2,
+        "size": 2,
+        "total": 7,
+        "orders": [
+            {"id": "ord_3", "status": "delivered", "items": [{"sku": "A1", "qty": 2, "price": "4.50"}]},
+            {"id": "ord_4", "status": "cancelled", "items": []},
+        ],
+    }
+)
+BRANCHES = orjson.dumps(
+    {"page": 1, "size": 1, "total": 1, "results": [{"id": 11, "name": "Kemang", "open": True}]}
+)
+BRANDS = orjson.dumps([{"page": 1, "size": 2, "total": 2, "brands": [{"id": 1}, {"id": 2}]}])
+
+
+@pytest.mark.parametrize(
+    ("payload", "items"),
+    [(ORDERS, ("orders",)), (BRANCHES, ("results",)), (BRANDS, (0, "brands"))],
+    ids=["orders", "branches", "brands"],
+)
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_keeps_each_pagination_shape_byte_for_byte(
+    payload: bytes, items: tuple[Any, ...], validate_json: bool
+) -> None:
+    async def route(request: Request) -> Response:
+        return Response(payload, media_type="application/json")
+
+    app = Starlette(routes=[Route("/list", route)], middleware=[Middleware(EnvelopeMiddleware, validate_json=validate_json)])
+    with TestClient(app) as client:
+        response = client.get("/list")
+    prefix = b'{"request_id":"' + response.headers["x-request-id"].encode() + b'","data":'
+    assert response.content == prefix + payload + b"}"
+    data = response.json()["data"]
+    for key in items:
+        data = data[key]
+    assert isinstance(data, list)
+
+
+# -- what passes through -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "data"),
+    [
+        (200, [(b"content-type", b"text/html; charset=utf-8")], b"<h1>hi</h1>"),
+        (200, [(b"content-type", b"text/event-stream")], b"data: {}\n\n"),
+        (200, [(b"content-type", b"application/x-ndjson")], b'{"a":1}\n{"a":2}\n'),
+        (200, [(b"content-type", b"application/octet-stream")], b"\x00\x01"),
+        (200, [], b"no content type"),
+        (200, [JSON, (b"content-encoding", b"gzip")], gzip.compress(b'{"a":1}')),
+        (206, [JSON, (b"content-range", b"bytes 0-1/4")], b'{"'),
+        (301, [(b"location", b"/elsewhere"), JSON], b'{"moved": true}'),
+        (302, [(b"location", b"/elsewhere")], b""),
+    ],
+    ids=["html", "sse", "ndjson", "binary", "untyped", "gzip", "partial", "301-json", "302"],
+)
+async def test_envelope_passes_through_what_it_must_not_wrap(
+    status: int, headers: list[tuple[bytes, bytes]], data: bytes
+) -> None:
+    sent = await call(envelope(scripted(start(status, headers), body(data))))
+    assert sent.status == status
+    assert sent.body == data
+    assert sent.raw_headers[:-1] == headers
+    assert re.fullmatch(HEX_ID, sent.header("x-request-id") or "")
+
+
+async def test_envelope_passes_head_responses_through_with_the_header() -> None:
+    headers = [JSON, (b"content-length", b"7")]
+    sent = await call(envelope(scripted(start(200, headers), body(b""))), "HEAD")
+    assert sent.raw_headers[:-1] == headers
+    assert sent.body == b""
+    assert sent.header("x-request-id")
+
+
+@pytest.mark.parametrize("status", [204, 205, 304])
+async def test_envelope_keeps_bodiless_statuses_bodiless(status: int) -> None:
+    sent = await call(envelope(scripted(start(status, [JSON, (b"content-length", b"2")]), body(b"{}"))))
+    assert sent.status == status
+    assert sent.body == b""
+    assert sent.complete
+    assert sent.header("x-request-id")
+    if status == 204:
+        assert sent.header("content-length") is None  # RFC 9110 §8.6
+
+
+async def test_envelope_replaces_an_app_request_id_header_with_exactly_one() -> None:
+    headers = [(b"content-type", b"text/plain"), (b"X-Request-ID", b"from-app"), (b"x-request-id", b"again")]
+    sent = await call(envelope(scripted(start(200, headers), body(b"ok"))))
+    values = sent.header_values("x-request-id")
+    assert len(values) == 1
+    assert values[0] != "from-app"
+
+
+async def test_envelope_passes_pathsend_of_a_json_file_unwrapped() -> None:
+    app = envelope(scripted(start(200, [JSON]), {"type": "http.response.pathsend", "path": "/tmp/x.json"}))
+    sent = await call(app)
+    assert sent.messages[-1] == {"type": "http.response.pathsend", "path": "/tmp/x.json"}
+    assert sent.header("content-type") == "application/json"
+    assert sent.header("x-request-id")
+
+
+async def test_envelope_passes_trailers_and_early_hints_through() -> None:
+    hint = {"type": "http.response.early_hint", "links": ["</style.css>; rel=preload"]}
+    trailers = {"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")], "more_trailers": False}
+    app = envelope(scripted(hint, start(200, [JSON], trailers=True), body(b"{}"), trailers))
+    sent = await call(app)
+    assert sent.messages[0] == hint
+    assert sent.messages[-1] == trailers
+    assert sent.body == b"{}"
+    assert sent.start["trailers"] is True
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/deep", "/metrics"])
+async def test_envelope_leaves_excluded_paths_unwrapped_but_sets_the_header(path: str) -> None:
+    app = envelope(scripted(start(200, [JSON]), body(b'{"ok":true}')), exclude_paths=["/health", "/metrics/"])
+    sent = await call(app, path=path)
+    assert sent.body == b'{"ok":true}'
+    assert sent.header("x-request-id")
+
+
+async def test_envelope_does_not_exclude_a_path_that_only_shares_a_prefix() -> None:
+    app = envelope(scripted(start(200, [JSON]), body(b"{}")), exclude_paths=["/health"])
+    sent = await call(app, path="/healthz")
+    assert sent.json()["data"] == {}
+
+
+def test_envelope_rejects_relative_excluded_paths() -> None:
+    with pytest.raises(ValueError, match="start with '/'"):
+        EnvelopeMiddleware(scripted(), exclude_paths=["health"])
+
+
+def test_envelope_rejects_an_invalid_header_name() -> None:
+    with pytest.raises(ValueError, match="header name"):
+        EnvelopeMiddleware(scripted(), request_id_header="X Request\r\nID")
+
+
+# -- malformed downstream JSON ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a": ', b"{'a': 1}", b"NaN", b'{"a": 1} trailing', b"   ", b'"\xff"', b'["\\ud800"]', b"[1,]"],
+    ids=["truncated", "single-quotes", "nan", "trailing", "blank", "bad-utf8", "lone-surrogate", "comma"],
+)
+async def test_envelope_answers_502_for_a_2xx_json_body_that_is_not_json(data: bytes) -> None:
+    sent = await call(envelope(scripted(start(200, [JSON]), body(data))))
+    error = assert_error(sent, 502, "downstream_invalid_response")
+    assert data not in sent.body
+
+
+async def test_envelope_logs_invalid_json_with_reason_but_not_the_body(logs: Any) -> None:
+    secret = b'{"token": "s3cr3t", '
+    sent = await call(EnvelopeMiddleware(scripted(start(200, [JSON]), body(secret))))
+    events = [e for e in logs.entries if e["event"] == "downstream_invalid_json"]
+    assert len(events) == 1
+    assert events[0]["request_id"] == sent.header("x-request-id")
+    assert events[0]["body_bytes"] == len(secret)
+    assert "s3cr3t" not in repr(logs.entries)
+
+
+async def test_envelope_trusted_mode_does_not_check_json() -> None:
+    sent = await call(envelope(scripted(start(200, [JSON]), body(b"[1,")), validate_json=False))
+    assert sent.status == 200
+    assert sent.body.endswith(b'"data":[1,}')
+
+
+# -- error envelopes from responses --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "request_invalid"),
+        (403, "auth_forbidden"),
+        (404, "resource_not_found"),
+        (405, "method_not_allowed"),
+        (409, "idempotency_key_conflict"),
+        (410, "request_invalid"),
+        (413, "request_invalid"),
+        (422, "state_invalid_transition"),
+        (429, "rate_limited"),
+        (500, "internal"),
+        (501, "internal"),
+        (502, "downstream_unavailable"),
+        (503, "service_unavailable"),
+        (504, "downstream_timeout"),
+        (599, "internal"),
+    ],
+)
+async def test_envelope_maps_a_bare_error_status_to_its_catalogue_code(status: int, code: str) -> None:
+    sent = await call(envelope(scripted(start(status), body(b""))))
+    error = assert_error(sent, status, code)
+    assert error["message"] == DEFAULT_CATALOGUE[code].message
+
+
+@pytest.mark.parametrize(("authorization", "code"), [(None, "auth_missing"), ("Basic eDp5", "auth_invalid_credential")])
+async def test_envelope_tells_missing_from_invalid_credentials_on_a_bare_401(
+    authorization: str | None, code: str
+) -> None:
+    headers = [("authorization", authorization)] if authorization else []
+    sent = await call(envelope(scripted(start(401, [(b"www-authenticate", b'Basic realm="api"')]), body(b""))), headers=headers)
+    assert_error(sent, 401, code)
+    assert sent.header("www-authenticate") == 'Basic realm="api"'
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "code", "message", "details"),
+    [
+        (
+            422,
+            {"error": {"code": "state_invalid_transition", "message": "delivered -> pending", "details": {"from": "delivered"}}},
+            "state_invalid_transition",
+            "delivered -> pending",
+            {"from": "delivered"},
+        ),
+        (404, {"detail": "Order ord_9 not found"}, "resource_not_found", "Order ord_9 not found", {}),
+        (400, {"code": "REQUEST_INVALID", "message": "size too big"}, "request_invalid", "size too big", {}),
+        (400, {"code": "bespoke_code", "message": "odd"}, "request_invalid", "odd", {}),
+        (
+            400,
+            {"type": "https://example.com/probs/range", "title": "Bad range", "detail": "90 days max", "limit": 90},
+            "request_invalid",
+            "90 days max",
+            {"limit": 90},
+        ),
+        (
+            400,
+            {"detail": [{"loc": ["query", "size"], "msg": "too big"}]},
+            "request_invalid",
+            DEFAULT_CATALOGUE["request_invalid"].message,
+            {"errors": [{"loc": ["query", "size"], "msg": "too big"}]},
+        ),
+        (401, {"error": "invalid_token", "error_description": "expired"}, "auth_missing", "expired", {}),
+        (409, {"error": {"code": "idempotency_key_conflict", "message": "reused"}}, "idempotency_key_conflict", "reused", {}),
+        (400, {"error": {"code": "x", "message": 5, "details": "text"}}, "request_invalid", DEFAULT_CATALOGUE["request_invalid"].message, {}),
+        (400, ["not", "an", "object"], "request_invalid", DEFAULT_CATALOGUE["request_invalid"].message, {}),
+    ],
+    ids=["error-object", "detail-str", "flat-upper", "flat-unknown", "problem", "detail-list", "oauth", "conflict", "junk", "array"],
+)
+async def test_envelope_reads_the_common_service_error_shapes(
+    status: int, payload: Any, code: str, message: str, details: dict[str, Any]
+) -> None:
+    content_type = b"application/problem+json" if isinstance(payload, dict) and "title" in payload else b"application/json"
+    app = envelope(scripted(start(status, [(b"content-type", content_type)]), body(orjson.dumps(payload))))
+    error = assert_error(await call(app), status, code)
+    assert error["message"] == message
+    assert error["details"] == details
+
+
+async def test_envelope_keeps_an_allowlisted_service_code() -> None:
+    payload = orjson.dumps({"error": {"code": "resource_unmapped", "message": "SKU 9 unknown"}})
+    app = envelope(scripted(start(404, [JSON]), body(payload)), allowed_codes=["resource_unmapped"])
+    error = assert_error(await call(app), 404, "resource_unmapped")
+    assert error["message"] == "SKU 9 unknown"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data"),
+    [
+        (b"text/plain", b"Traceback (most recent call last): db-7.internal:5432 refused"),
+        (b"application/json", b'{"error": {"code": "internal", "message": "db-7.internal down", "details": {"host": "db-7"}}}'),
+        (b"text/html", b"<pre>stack at 10.0.0.7</pre>"),
+    ],
+)
+async def test_envelope_never_passes_a_5xx_body_text_to_the_client(content_type: bytes, data: bytes) -> None:
+    sent = await call(envelope(scripted(start(500, [(b"content-type", content_type)]), body(data))))
+    error = assert_error(sent, 500, "internal")
+    assert error["message"] == DEFAULT_CATALOGUE["internal"].message
+    assert error["details"] == {}
+    for leak in (b"db-7", b"10.0.0.7", b"Traceback"):
+        assert leak not in sent.body
+
+
+async def test_envelope_keeps_a_known_code_from_a_5xx_body_but_not_its_message() -> None:
+    data = b'{"error": {"code": "service_unavailable", "message": "node-3 draining"}}'
+    error = assert_error(await call(envelope(scripted(start(503, [JSON]), body(data)))), 503, "service_unavailable")
+    assert "node-3" not in error["message"]
+
+
+async def test_envelope_uses_short_plain_text_of_a_4xx_as_message() -> None:
+    sent = await call(envelope(scripted(start(400, [(b"content-type", b"text/plain")]), body(b"size must be <= 100"))))
+    assert assert_error(sent, 400, "request_invalid")["message"] == "size must be <= 100"
+
+
+async def test_envelope_ignores_html_and_oversized_error_bodies() -> None:
+    html = await call(envelope(scripted(start(404, [(b"content-type", b"text/html")]), body(b"<h1>Not here</h1>"))))
+    assert assert_error(html, 404, "resource_not_found")["message"] == DEFAULT_CATALOGUE["resource_not_found"].message
+    huge = orjson.dumps({"detail": "x" * 70_000})
+    chunks = [body(huge[i : i + 10_000], more=True) for i in range(0, len(huge), 10_000)]
+    big = await call(envelope(scripted(start(404, [JSON]), *chunks, body(b""))))
+    assert assert_error(big, 404, "resource_not_found")["message"] == DEFAULT_CATALOGUE["resource_not_found"].message
+
+
+async def test_envelope_error_keeps_headers_that_matter_and_drops_body_headers() -> None:
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"9"),
+        (b"content-encoding", b"gzip"),
+        (b"etag", b'"v1"'),
+        (b"allow", b"GET"),
+        (b"retry-after", b"30"),
+        (b"access-control-allow-origin", b"*"),
+    ]
+    sent = await call(envelope(scripted(start(405, headers), body(gzip.compress(b"nope")))))
+    assert_error(sent, 405, "method_not_allowed")
+    assert sent.header("allow") == "GET"
+    assert sent.header("retry-after") == "30"
+    assert sent.header("access-control-allow-origin") == "*"
+    assert sent.header("content-encoding") is None
+    assert sent.header("etag") is None
+
+
+async def test_envelope_error_from_a_file_response_ignores_the_file() -> None:
+    app = envelope(scripted(start(404, [(b"content-type", b"text/html")]), {"type": "http.response.pathsend", "path": "/srv/404.html"}))
+    sent = await call(app)
+    assert_error(sent, 404, "resource_not_found")
+    assert all(m["type"] != "http.response.pathsend" for m in sent.messages)
+
+
+async def test_envelope_error_drops_app_trailers() -> None:
+    trailers = {"type": "http.response.trailers", "headers": [], "more_trailers": False}
+    sent = await call(envelope(scripted(start(400, [], trailers=True), body(b""), trailers)))
+    assert_error(sent, 400, "request_invalid")
+    assert "trailers" not in sent.start
+    assert sent.messages[-1]["type"] == "http.response.body"
+
+
+async def test_envelope_head_error_sends_headers_only() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ResourceNotFound
+
+    sent = await call(envelope(app), "HEAD")
+    assert sent.status == 404
+    assert sent.body == b""
+    assert int(sent.header("content-length") or 0) > 0
+
+
+# -- error envelopes from exceptions ------------------------------------------------
+
+
+def raising(exc: BaseException) -> Any:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise exc
+
+    return app
+
+
+async def test_envelope_renders_an_api_error_with_its_code_details_and_headers() -> None:
+    exc = ApiError("menu_locked", "Menu is being edited", status=423, details={"menu_id": 7}, headers={"X-Lock": "1"})
+    sent = await call(envelope(raising(exc)))
+    error = assert_error(sent, 423, "menu_locked")
+    assert error == {"code": "menu_locked", "message": "Menu is being edited", "details": {"menu_id": 7}}
+    assert sent.header("x-lock") == "1"
+
+
+async def test_envelope_sets_retry_after_for_rate_limited() -> None:
+    sent = await call(envelope(raising(RateLimited(retry_after=1.2))))
+    error = assert_error(sent, 429, "rate_limited")
+    assert sent.header("retry-after") == "2"
+    assert error["details"] == {"retry_after": 2}
+
+
+async def test_envelope_refuses_exception_headers_that_could_split_the_response() -> None:
+    exc = ApiError("x_y", "m", status=400, headers={"X-Evil": "a\r\nSet-Cookie: s=1", "Bad Name": "v", "X-Ok": "1", "X-Ué": "ü€"})
+    sent = await call(envelope(raising(exc)))
+    assert sent.header("x-evil") is None
+    assert sent.header("set-cookie") is None
+    assert sent.header("x-ok") == "1"
+    assert [k for k, _ in sent.raw_headers if k.startswith(b"x-u")] == []
+
+
+async def test_envelope_renders_starlette_http_exceptions_by_status() -> None:
+    sent = await call(envelope(raising(HTTPException(404, "Order 12 not found"))))
+    assert assert_error(sent, 404, "resource_not_found")["message"] == "Order 12 not found"
+    sent = await call(envelope(raising(HTTPException(405, headers={"Allow": "GET"}))))
+    assert_error(sent, 405, "method_not_allowed")
+    assert sent.header("allow") == "GET"
+    sent = await call(envelope(raising(HTTPException(503, "db-1 is down"))))
+    assert "db-1" not in assert_error(sent, 503, "service_unavailable")["message"]
+
+
+async def test_envelope_turns_any_other_exception_into_a_generic_500(logs: Any) -> None:
+    sent = await call(EnvelopeMiddleware(raising(RuntimeError("password=hunter2 at db-1.internal"))))
+    error = assert_error(sent, 500, "internal")
+    assert b"hunter2" not in sent.body
+    assert b"db-1" not in sent.body
+    assert error["message"] == DEFAULT_CATALOGUE["internal"].message
+    [event] = [e for e in logs.entries if e["event"] == "unhandled_exception"]
+    assert event["request_id"] == sent.header("x-request-id")
+    assert isinstance(event["exc_info"], RuntimeError)
+
+
+async def test_envelope_unwraps_an_exception_group_of_one() -> None:
+    sent = await call(envelope(raising(ExceptionGroup("tg", [ResourceNotFound("gone")]))))
+    assert assert_error(sent, 404, "resource_not_found")["message"] == "gone"
+
+
+async def test_envelope_maps_exceptions_by_type_and_name_along_the_mro() -> None:
+    class QuotaError(Exception):
+        pass
+
+    class DailyQuotaError(QuotaError):
+        pass
+
+    app = envelope(raising(DailyQuotaError()), exception_codes={QuotaError: "rate_limited"})
+    assert_error(await call(app), 429, "rate_limited")
+    by_name = envelope(raising(TimeoutError()), exception_codes={"builtins.OSError": "service_unavailable"})
+    assert_error(await call(by_name), 503, "service_unavailable")
+
+
+def test_envelope_rejects_exception_codes_outside_the_catalogue() -> None:
+    with pytest.raises(ValueError, match="not in the catalogue"):
+        EnvelopeMiddleware(scripted(), exception_codes={ValueError: "no_such_code"})
+
+
+@pytest.mark.parametrize("exc", [asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(1)])
+async def test_envelope_never_turns_base_exceptions_into_responses(exc: BaseException) -> None:
+    with pytest.raises(type(exc)):
+        await call(envelope(raising(exc)))
+
+
+async def test_envelope_answers_500_when_the_app_returns_without_responding(logs: Any) -> None:
+    sent = await call(EnvelopeMiddleware(scripted()))
+    assert_error(sent, 500, "internal")
+    assert [e["request_id"] for e in logs.entries if e["event"] == "app_returned_without_response"] == [
+        sent.header("x-request-id")
+    ]
+
+
+@pytest.mark.parametrize("status", [200, 404])
+async def test_envelope_answers_500_when_the_app_stops_while_the_start_is_held(status: int) -> None:
+    sent = await call(envelope(scripted(start(status, [JSON]), body(b"{", more=True))))
+    assert_error(sent, 500, "internal")
+
+
+@pytest.mark.parametrize("status", [200, 404])
+async def test_envelope_discards_a_held_response_when_the_app_raises(status: int) -> None:
+    app = scripted(start(status, [JSON, (b"x-partial", b"1")]), body(b'{"a":', more=True), raise_after=ResourceNotFound())
+    sent = await call(envelope(app))
+    assert_error(sent, 404, "resource_not_found")
+    assert sent.header("x-partial") is None
+
+
+async def test_envelope_never_starts_twice_once_bytes_are_out(logs: Any) -> None:
+    app = scripted(start(200, [(b"content-type", b"text/plain")]), body(b"partial", more=True), raise_after=RuntimeError("late"))
+    messages: list[Message] = []
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with pytest.raises(RuntimeError, match="late"):
+        await EnvelopeMiddleware(app)(_scope(), receive, send)
+    assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
+    [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
+    assert event["request_id"] == Sent(messages).header("x-request-id")
+
+
+async def test_envelope_trusted_stream_that_fails_midway_is_not_completed() -> None:
+    app = scripted(start(200, [JSON]), body(b'{"a": [1', more=True), raise_after=RuntimeError("backend died"))
+    messages: list[Message] = []
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with pytest.raises(RuntimeError):
+        await envelope(app, validate_json=False)(_scope(), receive, send)
+    assert not Sent(messages).complete
+
+
+async def test_envelope_logs_when_the_app_returns_mid_response(logs: Any) -> None:
+    sent = await call(EnvelopeMiddleware(scripted(start(200, [(b"content-type", b"text/plain")]), body(b"a", more=True))))
+    assert not sent.complete
+    assert any(e["event"] == "app_returned_mid_response" for e in logs.entries)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [start(200, [JSON]), start(200, [JSON])],
+        [body(b"x")],
+        [start(200, [(b"content-type", b"text/plain")]), body(b"x"), body(b"y")],
+    ],
+    ids=["two-starts", "body-first", "body-after-end"],
+)
+async def test_envelope_reports_protocol_violations_by_the_app(messages: list[Message]) -> None:
+    try:
+        sent = await call(envelope(scripted(*messages)))
+    except RuntimeError:
+        return  # bytes were out: the violation surfaces as the app's error
+    assert_error(sent, 500, "internal")
+
+
+# -- the error serializer cannot fail ---------------------------------------------
+
+
+class Odd:
+    def __str__(self) -> str:
+        raise RuntimeError("cannot print me")
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"n": 10**40},
+        {1: "int key", (1, 2): "tuple key"},
+        {"odd": Odd(), "set": {1}},
+        {"text": "\ud800 lone surrogate"},
+        {"nan": float("nan")},
+    ],
+    ids=["huge-int", "non-str-keys", "odd-object", "surrogate", "nan"],
+)
+async def test_envelope_error_serializer_never_fails(details: dict[Any, Any]) -> None:
+    sent = await call(envelope(raising(ApiError("odd_details", "still answered", status=400, details=details))))
+    error = assert_error(sent, 400, "odd_details")
+    assert error["message"] == "still answered"
+
+
+async def test_envelope_error_serializer_falls_back_to_a_prebuilt_body() -> None:
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    sent = await call(envelope(raising(ResourceNotFound("\ud800", details=cyclic))))
+    error = assert_error(sent, 404, "resource_not_found")
+    assert error == {"code": "resource_not_found", "message": DEFAULT_CATALOGUE["resource_not_found"].message, "details": {}}
+
+
+# -- scope handling ----------------------------------------------------------------
+
+
+async def test_envelope_passes_lifespan_and_websocket_scopes_untouched() -> None:
+    seen: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope)
+
+    mw = envelope(app)
+    for scope_type in ("lifespan", "websocket"):
+        scope = {"type": scope_type, "headers": [], "path": "/"}
+        await mw(scope, _never, _nowhere)
+        assert seen[-1] is scope
+        assert SCOPE_KEY not in scope
+
+
+def test_envelope_lets_websockets_work_in_a_starlette_app() -> None:
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", echo)], middleware=[Middleware(EnvelopeMiddleware)])
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        ws.send_text("hi")
+        assert ws.receive_text() == "hi"
+
+
+async def test_envelope_mounted_twice_gives_one_envelope_and_one_id() -> None:
+    inner_ids: list[str | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        inner_ids.append(get_request_id())
+        await JSONResponse({"a": 1})(scope, receive, send)
+
+    sent = await call(envelope(envelope(app)))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"a": 1}}
+    assert inner_ids == [sent.header("x-request-id")]
+
+
+async def test_envelope_puts_the_id_in_scope_state_for_handlers() -> None:
+    async def route(request: Request) -> Response:
+        return JSONResponse({"state": request.state.request_id, "var": get_request_id()})
+
+    app = Starlette(routes=[Route("/", route)], middleware=[Middleware(EnvelopeMiddleware, access_log=False)])
+    with TestClient(app) as client:
+        response = client.get("/")
+    request_id = response.headers["x-request-id"]
+    assert response.json() == {"request_id": request_id, "data": {"state": request_id, "var": request_id}}
+    assert get_request_id() is None
+
+
+# -- in a Starlette app, as users mount it ---------------------------------------------
+
+
+def test_envelope_in_starlette_covers_router_404_405_and_exceptions() -> None:
+    async def ok(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def boom(request: Request) -> Response:
+        raise ValueError("db password leaked?")
+
+    app = Starlette(
+        routes=[Route("/ok", ok), Route("/boom", boom)], middleware=[Middleware(EnvelopeMiddleware, access_log=False)]
+    )
+    with TestClient(app) as client:
+        assert client.get("/ok").json()["data"] == {"ok": True}
+        missing = client.get("/missing")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "resource_not_found"
+        wrong = client.delete("/ok")
+        assert wrong.status_code == 405
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        assert wrong.headers["allow"] == "GET, HEAD"
+        boom = client.get("/boom")
+        assert boom.status_code == 500
+        assert b"password" not in boom.content
+        assert boom.json()["request_id"] == boom.headers["x-request-id"]
+        head = client.head("/ok")
+        assert head.status_code == 200
+        assert head.content == b""
+        assert head.headers["x-request-id"]
+
+
+def test_envelope_inside_gzip_wraps_before_compressing() -> None:
+    async def route(request: Request) -> Response:
+        return JSONResponse({"items": list(range(300))})
+
+    app = Starlette(
+        routes=[Route("/", route)],
+        middleware=[Middleware(GZipMiddleware, minimum_size=10), Middleware(EnvelopeMiddleware, access_log=False)],
+    )
+    with TestClient(app) as client:
+        response = client.get("/", headers={"accept-encoding": "gzip"})
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.json()["data"] == {"items": list(range(300))}
+
+
+async def test_envelope_wraps_starlette_streaming_and_redirect_responses() -> None:
+    async def numbers() -> Any:
+        for chunk in (b"[", b"1", b",2", b"]"):
+            yield chunk
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(numbers(), media_type="application/json")
+
+    async def html(request: Request) -> Response:
+        return HTMLResponse("<p>hi</p>")
+
+    async def moved(request: Request) -> Response:
+        return RedirectResponse("/stream")
+
+    async def text_error(request: Request) -> Response:
+        return PlainTextResponse("bad size", status_code=400)
+
+    app = Starlette(
+        routes=[Route("/stream", stream), Route("/html", html), Route("/moved", moved), Route("/text", text_error)],
+        middleware=[Middleware(EnvelopeMiddleware, access_log=False)],
+    )
+    with TestClient(app, follow_redirects=False) as client:
+        assert client.get("/stream").json()["data"] == [1, 2]
+        assert client.get("/html").text == "<p>hi</p>"
+        assert client.get("/moved").status_code == 307
+        assert client.get("/text").json()["error"] == {"code": "request_invalid", "message": "bad size", "details": {}}
+
+
+# -- properties ------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    value=json_values,
+    indent=st.sampled_from([None, 1, 2]),
+    ascii_only=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=3),
+    validate_json=st.booleans(),
+)
+def test_envelope_property_any_json_body_round_trips_byte_exact(
+    value: Any, indent: int | None, ascii_only: bool, cuts: list[int], validate_json: bool
+) -> None:
+    data = json.dumps(value, indent=indent, ensure_ascii=ascii_only).encode()
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    messages = [body(p, more=True) for p in pieces[:-1]] + [body(pieces[-1])]
+    sent = drive(envelope(scripted(start(200, [JSON]), *messages), validate_json=validate_json))
+    request_id = sent.header("x-request-id") or ""
+    assert sent.body == b'{"request_id":"' + request_id.encode() + b'","data":' + data + b"}"
+    declared = sent.header("content-length")
+    assert declared is None or int(declared) == len(sent.body)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    status=st.integers(min_value=400, max_value=599),
+    content_type=st.sampled_from([b"application/json", b"text/plain", b"text/html", b"application/problem+json"]),
+    data=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()),
+)
+def test_envelope_property_any_error_status_gives_a_valid_error_envelope(
+    status: int, content_type: bytes, data: bytes
+) -> None:
+    sent = drive(envelope(scripted(start(status, [(b"content-type", content_type)]), body(data))))
+    error = assert_error(sent, status, sent.json()["error"]["code"])
+    code = error["code"]
+    assert code in DEFAULT_CATALOGUE
+    if status >= 500:
+        assert error["message"] == DEFAULT_CATALOGUE[code].message
+        assert error["details"] == {}
+
+
+def test_envelope_catalogue_extension_gives_a_gateway_its_own_codes() -> None:
+    catalogue = DEFAULT_CATALOGUE.extend(
+        [ErrorSpec("resource_unmapped", 404, "Unknown SKU."), ErrorSpec("resource_conflict", 409, "Conflict.")],
+        status_defaults={409: "resource_conflict"},
+    )
+    sent = drive(envelope(scripted(start(409), body(b"")), catalogue=catalogue))
+    assert_error(sent, 409, "resource_conflict")
+    kept = drive(
+        envelope(scripted(start(404, [JSON]), body(b'{"code": "resource_unmapped", "message": "SKU 4"}')), catalogue=catalogue)
+    )
+    assert assert_error(kept, 404, "resource_unmapped")["message"] == "SKU 4"
+
+
+def _scope(method: str = "GET", path: str = "/") -> Scope:
+    return make_scope(method, path)
+
+
+async def _never() -> Message:
+    await asyncio.Event().wait()
+    raise AssertionError  # pragma: no cover
+
+
+async def _nowhere(message: Message) -> None:
+    raise AssertionError(f"nothing should be sent: {message}")  # pragma: no cover
