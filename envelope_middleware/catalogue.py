@@ -120,3 +120,13 @@ DEFAULT_CATALOGUE = Catalogue(
         ErrorSpec("downstream_timeout", 504, "A backend service timed out.", retryable=True),
     ]
 )
+
+
+def render_markdown_table(catalogue: Catalogue) -> str:
+    """The catalogue as the README's markdown table."""
+    lines = ["| code | status | retryable | default message |", "|---|---|---|---|"]
+    lines += [
+        f"| `{spec.code}` | {spec.status} | {'yes' if spec.retryable else 'no'} | {spec.message} |"
+        for spec in catalogue.values()
+    ]
+    return "\n".join(lines)

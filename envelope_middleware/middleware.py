@@ -484,10 +484,10 @@ class _Exchange:
         if size <= _JOIN_LIMIT or len(parts) == 1:
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": more})
             return
+        # Large: the parts go out as they are rather than copied into one buffer.
         last = len(parts) - 1
         for index, part in enumerate(parts):
-            if part or index == last:
-                await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
+            await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
 
     def _replace(self, headers: RawHeaders, drop: tuple[bytes, ...] = ()) -> RawHeaders:
         """The app's headers with the id header set to ours (exactly one)."""

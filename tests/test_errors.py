@@ -1,0 +1,128 @@
+"""The error policy's edges: configuration checks, caches and serializer fallbacks."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envelope_middleware import DEFAULT_CATALOGUE, ApiError, Catalogue, EnvelopeMiddleware, ErrorSpec
+from envelope_middleware._errors import ErrorPolicy
+from tests.conftest import JSON, body, call, make_scope, scripted, start
+
+
+def policy(**options: Any) -> ErrorPolicy:
+    return ErrorPolicy(
+        DEFAULT_CATALOGUE,
+        allowed_codes=options.get("allowed_codes", ()),
+        exception_codes=options.get("exception_codes", {}),
+    )
+
+
+def test_errors_policy_rejects_allowed_codes_that_are_not_codes() -> None:
+    with pytest.raises(ValueError, match="lower_snake_case"):
+        policy(allowed_codes=["Not A Code"])
+
+
+def test_errors_policy_needs_the_codes_the_middleware_answers_with() -> None:
+    minimal = Catalogue([ErrorSpec("request_invalid", 400, "m"), ErrorSpec("internal", 500, "m")])
+    with pytest.raises(ValueError, match="downstream_invalid_response"):
+        ErrorPolicy(minimal, allowed_codes=(), exception_codes={})
+
+
+def test_errors_exception_lookup_cache_is_bounded() -> None:
+    errors = policy()
+    kinds = [type(f"Dynamic{i}", (Exception,), {}) for i in range(1100)]
+    for kind in kinds:
+        assert errors.from_exception(kind(), has_credentials=False).code == "internal"
+    assert len(errors._mapped) == 1024
+
+
+def test_errors_render_of_an_unserialisable_custom_code_keeps_the_code() -> None:
+    cyclic: dict[str, Any] = {}
+    cyclic["again"] = cyclic
+    failure = policy().from_exception(
+        ApiError("menu_locked", "m", status=423, details=cyclic), has_credentials=False
+    )
+    document = orjson.loads(policy().render(b"rid", failure))
+    assert document == {
+        "request_id": "rid",
+        "error": {"code": "menu_locked", "message": "The request failed.", "details": {}},
+    }
+
+
+def test_errors_render_writes_decimals_sets_and_tuples() -> None:
+    exc = ApiError(
+        "odd_values", "m", status=400, details={"price": Decimal("4.50"), "tags": {"a"}, "pair": (1, 2)}
+    )
+    document = orjson.loads(policy().render(b"rid", policy().from_exception(exc, has_credentials=False)))
+    assert document["error"]["details"] == {"price": "4.50", "tags": ["a"], "pair": [1, 2]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    details=st.dictionaries(
+        st.text(max_size=5) | st.integers(),
+        st.recursive(
+            st.none() | st.integers() | st.floats() | st.text() | st.binary(max_size=5) | st.decimals(),
+            lambda children: st.lists(children, max_size=3) | st.sets(st.integers(), max_size=3),
+            max_leaves=10,
+        ),
+        max_size=5,
+    ),
+    message=st.text(max_size=50),
+)
+def test_errors_property_render_always_gives_valid_json(details: dict[Any, Any], message: str) -> None:
+    failure = policy().from_exception(
+        ApiError("any_code", message, status=400, details=details), has_credentials=False
+    )
+    document = orjson.loads(policy().render(b"rid", failure))
+    assert document["error"]["code"] == "any_code"
+    assert isinstance(document["error"]["details"], dict)
+
+
+async def test_errors_headers_that_are_not_latin1_are_dropped() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ApiError("x_y", "m", status=400, headers={"X-Euro": "€", "X-Fine": "ok"})
+
+    sent = await call(EnvelopeMiddleware(app, access_log=False))
+    assert sent.header("x-euro") is None
+    assert sent.header("x-fine") == "ok"
+
+
+async def test_errors_middleware_creates_scope_state_when_the_server_gave_none() -> None:
+    scope = make_scope()
+    del scope["state"]
+    sent = await call(
+        EnvelopeMiddleware(scripted(start(200, [JSON]), body(b"{}")), access_log=False), scope=scope
+    )
+    assert scope["state"] == {"request_id": sent.header("x-request-id")}
+
+
+async def test_errors_trusted_mode_without_an_incoming_id_generates_one() -> None:
+    mw = EnvelopeMiddleware(
+        scripted(start(200, [JSON]), body(b"{}")), access_log=False, trust_request_id=True
+    )
+    sent = await call(mw)
+    assert len(sent.header("x-request-id") or "") == 32
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["x" * 2000, "tab\tinside", "   "],
+    ids=["too-long", "unprintable", "blank"],
+)
+async def test_errors_service_messages_that_are_not_messages_are_replaced(message: str) -> None:
+    payload = orjson.dumps({"error": {"code": "request_invalid", "message": message}})
+    sent = await call(EnvelopeMiddleware(scripted(start(400, [JSON]), body(payload)), access_log=False))
+    assert sent.json()["error"]["message"] == DEFAULT_CATALOGUE["request_invalid"].message
+
+
+async def test_errors_plain_text_that_is_not_utf8_is_not_a_message() -> None:
+    app = scripted(start(400, [(b"content-type", b"text/plain")]), body(b"caf\xe9"))
+    sent = await call(EnvelopeMiddleware(app, access_log=False))
+    assert sent.json()["error"]["message"] == DEFAULT_CATALOGUE["request_invalid"].message

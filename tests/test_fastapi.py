@@ -1,0 +1,105 @@
+"""FastAPI, an optional extra: validation errors, HTTPException and the envelope together."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from envelope_middleware import EnvelopeMiddleware, StateInvalidTransition
+from envelope_middleware.fastapi import install_fastapi_handlers
+
+
+class Availability(BaseModel):
+    available: bool
+
+
+def make_app(*, install: bool = True) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(EnvelopeMiddleware, access_log=False, exclude_paths=["/docs", "/openapi.json"])
+    if install:
+        install_fastapi_handlers(app)
+
+    @app.get("/orders")
+    async def orders(
+        page: Annotated[int, Query(ge=1)] = 1, size: Annotated[int, Query(ge=1, le=100)] = 20
+    ) -> dict[str, object]:
+        return {"page": page, "size": size, "total": 0, "orders": []}
+
+    @app.patch("/items/{item_id}/availability")
+    async def availability(item_id: int, change: Availability) -> dict[str, object]:
+        if item_id == 13:
+            raise StateInvalidTransition("Item 13 is archived", details={"item_id": item_id})
+        return {"id": item_id, "available": change.available}
+
+    @app.get("/teapot")
+    async def teapot() -> None:
+        raise HTTPException(status_code=404, detail="No teapot here", headers={"X-Hint": "kettle"})
+
+    return app
+
+
+def test_fastapi_validation_error_is_400_request_invalid_with_fields() -> None:
+    with TestClient(make_app()) as client:
+        response = client.get("/orders", params={"page": 0, "size": "many"})
+    assert response.status_code == 400
+    document = response.json()
+    assert document["request_id"] == response.headers["x-request-id"]
+    error = document["error"]
+    assert error["code"] == "request_invalid"
+    fields = {(e["location"], e["field"]) for e in error["details"]["errors"]}
+    assert fields == {("query", "page"), ("query", "size")}
+    assert all(e["message"] and e["type"] for e in error["details"]["errors"])
+
+
+def test_fastapi_validation_error_does_not_echo_the_input() -> None:
+    with TestClient(make_app()) as client:
+        response = client.patch("/items/1/availability", json={"available": "sup3r-s3cret"})
+    assert response.status_code == 400
+    assert "sup3r-s3cret" not in response.text
+    assert response.json()["error"]["details"]["errors"][0]["field"] == "available"
+
+
+def test_fastapi_body_is_enveloped_and_api_errors_pass_through() -> None:
+    with TestClient(make_app()) as client:
+        ok = client.patch("/items/7/availability", json={"available": False})
+        locked = client.patch("/items/13/availability", json={"available": True})
+    assert ok.json() == {"request_id": ok.headers["x-request-id"], "data": {"id": 7, "available": False}}
+    assert locked.status_code == 422
+    assert locked.json()["error"] == {
+        "code": "state_invalid_transition",
+        "message": "Item 13 is archived",
+        "details": {"item_id": 13},
+    }
+
+
+def test_fastapi_http_exception_keeps_message_and_headers() -> None:
+    with TestClient(make_app()) as client:
+        response = client.get("/teapot")
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "code": "resource_not_found",
+        "message": "No teapot here",
+        "details": {},
+    }
+    assert response.headers["x-hint"] == "kettle"
+
+
+def test_fastapi_excluded_docs_paths_serve_the_raw_openapi_spec() -> None:
+    with TestClient(make_app()) as client:
+        spec = client.get("/openapi.json")
+        docs = client.get("/docs")
+    assert spec.status_code == 200
+    assert "/orders" in spec.json()["paths"]  # not wrapped in data
+    assert "swagger" in docs.text.lower()
+    assert spec.headers["x-request-id"] != docs.headers["x-request-id"]
+
+
+def test_fastapi_without_the_handlers_still_gives_a_contract_error() -> None:
+    with TestClient(make_app(install=False)) as client:
+        response = client.get("/orders", params={"page": 0})
+    # FastAPI's own 422 is read as a service error: the status stays, the fields go to details.
+    assert response.status_code == 422
+    assert response.json()["error"]["details"]["errors"][0]["loc"] == ["query", "page"]

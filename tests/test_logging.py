@@ -1,0 +1,168 @@
+"""Log correlation: structlog contextvars, the access event, stdlib logging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import pytest
+import structlog
+from starlette.types import Receive, Scope, Send
+from structlog.contextvars import bind_contextvars, get_contextvars
+from structlog.testing import LogCapture
+
+from envelope_middleware import EnvelopeMiddleware, RequestIdFilter, ResourceNotFound, get_request_id
+from tests.conftest import JSON, body, call, scripted, start
+
+log = structlog.get_logger("app")
+
+
+async def chatty_app(scope: Scope, receive: Receive, send: Send) -> None:
+    log.info("handler_started")
+    await asyncio.sleep(random.random() / 100)  # interleave concurrent requests
+    log.info("handler_finished", echo=get_request_id())
+    await send(start(200, [JSON]))
+    await send(body(b"{}"))
+
+
+async def test_logging_binds_request_id_method_and_path_for_app_log_lines(logs: LogCapture) -> None:
+    sent = await call(EnvelopeMiddleware(chatty_app), "POST", "/orders")
+    request_id = sent.header("x-request-id")
+    app_lines = [e for e in logs.entries if e["event"].startswith("handler_")]
+    assert len(app_lines) == 2
+    for entry in app_lines:
+        assert entry["request_id"] == request_id
+        assert entry["method"] == "POST"
+        assert entry["path"] == "/orders"
+
+
+async def test_logging_keeps_ids_apart_across_hundreds_of_concurrent_requests(logs: LogCapture) -> None:
+    mw = EnvelopeMiddleware(chatty_app)
+    results = await asyncio.gather(*(call(mw, path=f"/r/{i}") for i in range(300)))
+    ids = {r.header("x-request-id") for r in results}
+    assert len(ids) == 300
+    by_path: dict[str, set[str]] = {}
+    for entry in logs.entries:
+        by_path.setdefault(entry["path"], set()).add(entry["request_id"])
+        if entry["event"] == "handler_finished":
+            assert entry["echo"] == entry["request_id"]
+    assert len(by_path) == 300
+    for sent, path in zip(results, (f"/r/{i}" for i in range(300)), strict=True):
+        assert by_path[path] == {sent.header("x-request-id")}
+    assert len(logs.entries) == 300 * 3  # two app lines and one access line each
+
+
+async def test_logging_restores_the_context_and_keeps_what_the_app_bound_before(logs: LogCapture) -> None:
+    bind_contextvars(request_id="outer", tenant="acme")
+    try:
+        await call(EnvelopeMiddleware(chatty_app))
+        await call(EnvelopeMiddleware(chatty_app))  # sequential requests in one task
+        assert get_contextvars() == {"request_id": "outer", "tenant": "acme"}
+    finally:
+        structlog.contextvars.clear_contextvars()
+    inner = {e["request_id"] for e in logs.entries}
+    assert "outer" not in inner
+    assert len(inner) == 2
+    assert all(e["tenant"] == "acme" for e in logs.entries)
+
+
+async def test_logging_does_not_clear_keys_the_app_binds_during_the_request(logs: LogCapture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        bind_contextvars(user="u1")
+        log.info("bound")
+        await scripted(start(204), body())(scope, receive, send)
+
+    await call(EnvelopeMiddleware(app))
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["user"] == "u1"
+    structlog.contextvars.clear_contextvars()
+
+
+async def test_logging_access_event_has_method_path_status_code_duration_and_bytes(logs: LogCapture) -> None:
+    sent = await call(EnvelopeMiddleware(scripted(start(404), body(b""))), "DELETE", "/orders/7")
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["request_id"] == sent.header("x-request-id")
+    assert access["method"] == "DELETE"
+    assert access["path"] == "/orders/7"
+    assert access["status"] == 404
+    assert access["error_code"] == "resource_not_found"
+    assert access["bytes_sent"] == len(sent.body)
+    assert isinstance(access["duration_ms"], float)
+    assert access["duration_ms"] >= 0
+    assert access["log_level"] == "info"
+
+
+async def test_logging_access_event_for_a_success_has_no_error_code(logs: LogCapture) -> None:
+    sent = await call(EnvelopeMiddleware(scripted(start(200, [JSON]), body(b"[1]"))))
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["status"] == 200
+    assert access["error_code"] is None
+    assert access["bytes_sent"] == len(sent.body)
+
+
+async def test_logging_access_event_can_be_turned_off(logs: LogCapture) -> None:
+    await call(EnvelopeMiddleware(scripted(start(204), body()), access_log=False))
+    assert [e for e in logs.entries if e["event"] == "http_request"] == []
+
+
+async def test_logging_context_binding_can_be_turned_off(logs: LogCapture) -> None:
+    sent = await call(EnvelopeMiddleware(chatty_app, bind_contextvars=False))
+    app_lines = [e for e in logs.entries if e["event"].startswith("handler_")]
+    assert all("request_id" not in e for e in app_lines)
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["request_id"] == sent.header("x-request-id")  # passed explicitly
+
+
+async def test_logging_uses_the_logger_it_is_given() -> None:
+    capture = LogCapture()
+    logger = structlog.wrap_logger(None, processors=[capture])
+    sent = await call(EnvelopeMiddleware(scripted(start(204), body()), logger=logger))
+    assert [e["request_id"] for e in capture.entries] == [sent.header("x-request-id")]
+
+
+async def test_logging_works_with_structlog_default_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    structlog.reset_defaults()
+    sent = await call(EnvelopeMiddleware(chatty_app))
+    out = capsys.readouterr().out
+    request_id = sent.header("x-request-id") or ""
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 3
+    assert all(request_id in line for line in lines)
+
+
+async def test_logging_stdlib_records_get_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    stdlib = logging.getLogger("legacy.module")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        stdlib.warning("from stdlib")
+        raise ResourceNotFound
+
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO):
+        sent = await call(EnvelopeMiddleware(app, access_log=False))
+        stdlib.warning("after the request")
+    records = {r.getMessage(): r for r in caplog.records}
+    assert records["from stdlib"].request_id == sent.header("x-request-id")  # type: ignore[attr-defined]
+    assert records["after the request"].request_id is None  # type: ignore[attr-defined]
+
+
+async def test_logging_through_structlog_stdlib_integration(caplog: pytest.LogCaptureFixture) -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
+    try:
+        with caplog.at_level(logging.INFO):
+            sent = await call(EnvelopeMiddleware(chatty_app))
+    finally:
+        structlog.reset_defaults()
+    request_id = sent.header("x-request-id") or ""
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert all(f'"request_id": "{request_id}"' in m for m in messages)
+    assert {r.name for r in caplog.records} == {"app", "envelope_middleware"}

@@ -1,0 +1,88 @@
+"""The middleware under a real uvicorn server, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from envelope_middleware import EnvelopeMiddleware, ResourceNotFound
+from tests._server import serve
+
+pytestmark = pytest.mark.server
+
+
+async def ok(request: Request) -> Response:
+    return JSONResponse({"orders": [{"id": i} for i in range(50)]})
+
+
+async def missing(request: Request) -> Response:
+    raise ResourceNotFound("Order 9 not found")
+
+
+async def stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"results": ['
+        for i in range(100):
+            yield b"%d," % i
+            await asyncio.sleep(0)
+        yield b"100]}"
+
+    return StreamingResponse(chunks(), media_type="application/json")
+
+
+async def breaks_midway(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"partial line\n"
+        raise RuntimeError("backend went away")
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+def make_app(*, validate_json: bool) -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/ok", ok),
+            Route("/missing", missing),
+            Route("/stream", stream),
+            Route("/breaks", breaks_midway),
+        ],
+        middleware=[Middleware(EnvelopeMiddleware, validate_json=validate_json, access_log=False)],
+    )
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+def test_server_serves_envelopes_over_real_http(validate_json: bool) -> None:
+    with serve(make_app(validate_json=validate_json)) as base, httpx2.Client(base_url=base) as client:
+        ok_response = client.get("/ok")
+        assert ok_response.json()["data"]["orders"][49] == {"id": 49}
+        assert ok_response.json()["request_id"] == ok_response.headers["x-request-id"]
+        assert int(ok_response.headers["content-length"]) == len(ok_response.content)
+
+        streamed = client.get("/stream")
+        assert streamed.json()["data"]["results"] == list(range(101))
+        assert streamed.headers.get_list("x-request-id") == [streamed.json()["request_id"]]
+
+        missing_response = client.get("/missing")
+        assert missing_response.status_code == 404
+        assert missing_response.json()["error"]["message"] == "Order 9 not found"
+
+        head = client.head("/ok")
+        assert head.status_code == 200
+        assert head.content == b""
+        assert head.headers["x-request-id"] != ok_response.headers["x-request-id"]
+
+
+def test_server_aborts_a_response_that_fails_after_bytes_are_out() -> None:
+    with serve(make_app(validate_json=True)) as base, httpx2.Client(base_url=base) as client:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            client.get("/breaks")
+        # The server is still healthy for the next request.
+        assert client.get("/ok").status_code == 200
