@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -10,8 +9,10 @@ from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from structlog.contextvars import bind_contextvars, reset_contextvars
+from structlog.contextvars import bind_contextvars as structlog_bind
+from structlog.contextvars import reset_contextvars
 
+from envelope_middleware._context import structlog_context_vars
 from envelope_middleware._errors import ERROR_BODY_LIMIT, ErrorPolicy, Failure
 from envelope_middleware._http import (
     BODY_HEADERS,
@@ -41,16 +42,16 @@ SCOPE_KEY = "envelope_middleware.request_id"
 # it, copying costs more than two extra sends (see benchmarks/README.md).
 _JOIN_LIMIT = 64 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
-_EMPTY_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 _SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 
-
-class _Mode(enum.Enum):
-    PASS = enum.auto()  # forwarded as it is, apart from the id header
-    BODYLESS = enum.auto()  # 204/205/304: forwarded without body bytes
-    WRAP_STREAM = enum.auto()  # 2xx JSON, trusted: bytes streamed inside the envelope
-    WRAP_BUFFER = enum.auto()  # 2xx JSON, validated: held whole, checked, then wrapped
-    ERROR = enum.auto()  # >= 400: read, then replaced by an error envelope
+# What the middleware does with a response, decided at its start. Plain ints:
+# they are compared on every message, and enum member lookups cost ~0.1 us each.
+_NOT_STARTED = 0
+_PASS = 1  # forwarded as it is, apart from the id header
+_BODYLESS = 2  # 204/205/304: forwarded without body bytes
+_WRAP_STREAM = 3  # 2xx JSON, trusted: bytes streamed inside the envelope
+_WRAP_BUFFER = 4  # 2xx JSON, validated: held whole, checked, then wrapped
+_ERROR = 5  # >= 400: read, then replaced by an error envelope
 
 
 class EnvelopeMiddleware:
@@ -105,6 +106,9 @@ class EnvelopeMiddleware:
         self.generate_id = resolve_generator(request_id_format)
         self.check_generated = request_id_format not in ("hex", "prefixed_uuid")
         self.id_header = request_id_header.lower().encode("ascii")
+        # Headers a wrapped body invalidates, and the app's own id header.
+        self.wrap_drop = WRAPPED_BODY_HEADERS | {self.id_header, b"etag"}
+        self.error_drop = BODY_HEADERS | {self.id_header}
         self.trust_request_id = trust_request_id
         self.validate_json = validate_json
         paths = [path.rstrip("/") or "/" for path in exclude_paths]
@@ -117,7 +121,11 @@ class EnvelopeMiddleware:
             catalogue, allowed_codes=allowed_codes, exception_codes=exception_codes or {}
         )
         self.access_log = access_log
-        self.bind_contextvars = bind_contextvars
+        self.context_vars = structlog_context_vars() if bind_contextvars else None
+        # Only if structlog's registry cannot be reached: its public API, slower.
+        self.context_fallback = bind_contextvars and self.context_vars is None
+        # The common case needs no check of the generated id and no look at the request.
+        self.plain_id = not trust_request_id and not self.check_generated
         self.logger = logger if logger is not None else structlog.get_logger("envelope_middleware")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,7 +133,7 @@ class EnvelopeMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id = self._request_id(scope)
+        request_id = self.generate_id() if self.plain_id else self._request_id(scope)
         scope[SCOPE_KEY] = request_id
         state = scope.get("state")
         if state is None:
@@ -134,12 +142,15 @@ class EnvelopeMiddleware:
 
         exchange = _Exchange(self, scope, send, request_id)
         id_token = _request_id.set(request_id)
-        log_tokens = (
-            bind_contextvars(request_id=request_id, method=scope["method"], path=scope["path"])
-            if self.bind_contextvars
-            else None
-        )
-        started = time.perf_counter()
+        context_vars = self.context_vars
+        if context_vars is not None:
+            id_var, method_var, path_var = context_vars
+            tokens = (id_var.set(request_id), method_var.set(scope["method"]), path_var.set(scope["path"]))
+        elif self.context_fallback:
+            fallback_tokens = structlog_bind(
+                request_id=request_id, method=scope["method"], path=scope["path"]
+            )
+        started = time.perf_counter() if self.access_log else 0.0
         try:
             try:
                 await self.app(scope, receive, exchange.send)
@@ -147,7 +158,8 @@ class EnvelopeMiddleware:
                 if not await exchange.fail(exc):
                     raise
             else:
-                await exchange.finish()
+                if not exchange.complete:
+                    await exchange.finish()
         finally:
             if self.access_log:
                 self.logger.info(
@@ -160,8 +172,12 @@ class EnvelopeMiddleware:
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                     bytes_sent=exchange.bytes_sent,
                 )
-            if log_tokens is not None:
-                reset_contextvars(**log_tokens)
+            if context_vars is not None:
+                path_var.reset(tokens[2])
+                method_var.reset(tokens[1])
+                id_var.reset(tokens[0])
+            elif self.context_fallback:
+                reset_contextvars(**fallback_tokens)
             _request_id.reset(id_token)
 
     def _request_id(self, scope: Scope) -> str:
@@ -201,24 +217,18 @@ class EnvelopeMiddleware:
 class _Exchange:
     """One request's response, as it passes from the app through the middleware."""
 
-    __slots__ = (
-        "body_size",
-        "bom_stripped",
-        "bytes_sent",
-        "chunks",
-        "complete",
-        "downstream_started",
-        "error_code",
-        "id_header",
-        "mode",
-        "mw",
-        "request_id",
-        "request_id_str",
-        "scope",
-        "send_downstream",
-        "start",
-        "status",
-    )
+    # Defaults live on the class: most requests never touch most of these, and
+    # four assignments per request instead of fifteen are measurable (issue #2).
+    mode = _NOT_STARTED
+    start: Message | None = None  # the app's start, while held
+    status: int | None = None  # what the client was sent
+    error_code: str | None = None
+    body_size = 0
+    bytes_sent = 0
+    downstream_started = False
+    complete = False
+    bom_stripped = False
+    etag: tuple[bytes, bytes] | None = None  # a weak ETag that survives wrapping
 
     def __init__(self, mw: EnvelopeMiddleware, scope: Scope, send: Send, request_id: str) -> None:
         self.mw = mw
@@ -226,86 +236,103 @@ class _Exchange:
         self.send_downstream = send
         self.request_id_str = request_id
         self.request_id = request_id.encode("ascii")
-        self.id_header = (mw.id_header, self.request_id)
-        self.mode: _Mode | None = None
-        self.start: Message | None = None  # the app's start, while held
-        self.status: int | None = None  # what the client was sent
-        self.error_code: str | None = None
         self.chunks: list[bytes] = []
-        self.body_size = 0
-        self.bytes_sent = 0
-        self.downstream_started = False
-        self.complete = False
-        self.bom_stripped = False
 
     # -- messages from the app -----------------------------------------------
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            await self._on_body(message)
+            if self.complete:
+                raise RuntimeError("the app sent a body after the response was complete")
+            mode = self.mode
+            # The two common cases are handled with as few calls as possible:
+            # each coroutine layer costs about as much as a header scan (issue #2).
+            if mode == _PASS:
+                self.bytes_sent += len(message.get("body", b""))
+                self.complete = not message.get("more_body", False)
+                await self.send_downstream(message)
+            elif (
+                mode == _WRAP_BUFFER
+                and (held := self.start) is not None
+                and not self.chunks
+                and not message.get("more_body", False)
+            ):
+                self.chunks.append(message.get("body", b""))
+                await self._send_wrapped_buffer(held)
+            else:
+                await self._on_body(message)
         elif kind == "http.response.start":
-            await self._on_start(message)
+            forward = self._on_start(message)
+            if forward is not None:
+                await self._send_start(forward)
         else:
             await self._on_other(message)
 
-    async def _on_start(self, message: Message) -> None:
-        if self.mode is not None:
+    def _on_start(self, message: Message) -> Message | None:
+        """Decide what to do with the response; the start to send now, if any."""
+        if self.mode != _NOT_STARTED:
             raise RuntimeError("the app sent http.response.start twice")
         status: int = message["status"]
         headers: RawHeaders = message.get("headers") or []
-        mode = self._choose_mode(status, headers, trailers=message.get("trailers", False))
-        self.mode = mode
-        if mode is _Mode.PASS or mode is _Mode.BODYLESS:
-            drop = (b"content-length",) if status == 204 else ()  # RFC 9110 §8.6
-            await self._send_start({**message, "headers": self._replace(headers, drop)})
+        scope = self.scope
+        mw = self.mw
+        if scope["method"] == "HEAD" or (mw.excluded_paths and mw.is_excluded(scope["path"])):
+            mode = _PASS
+        elif status in (204, 205, 304):
+            mode = _BODYLESS
+        elif status >= 400:
+            mode = _ERROR
+        elif not 200 <= status < 300 or status == 206 or message.get("trailers", False):
+            mode = _PASS
         else:
-            self.start = message
+            mode = self._wrap_mode(headers)
+        self.mode = mode
+        if mode in (_PASS, _BODYLESS):
+            drop = b"content-length" if status == 204 else None  # RFC 9110 §8.6
+            id_name = mw.id_header
+            kept = [pair for pair in headers if (name := pair[0].lower()) != id_name and name != drop]
+            kept.append((id_name, self.request_id))
+            return {**message, "headers": kept}
+        self.start = message
+        return None
 
-    def _choose_mode(self, status: int, headers: RawHeaders, *, trailers: bool) -> _Mode:
-        if self.scope["method"] == "HEAD" or self.mw.is_excluded(self.scope["path"]):
-            return _Mode.PASS
-        if status in (204, 205, 304):
-            return _Mode.BODYLESS
-        if status >= 400:
-            return _Mode.ERROR
-        if not 200 <= status < 300 or status == 206 or trailers:
-            return _Mode.PASS
-        content_type = header_value(headers, b"content-type")
-        if (
-            content_type is None
-            or not is_json_media_type(content_type)
-            or header_value(headers, b"content-encoding") not in (None, b"identity")
-        ):
-            return _Mode.PASS
-        return _Mode.WRAP_BUFFER if self.mw.validate_json else _Mode.WRAP_STREAM
+    def _wrap_mode(self, headers: RawHeaders) -> int:
+        content_type: bytes | None = None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"content-type":
+                content_type = value
+            elif lowered == b"content-encoding":
+                if value.lower() != b"identity":
+                    return _PASS
+            elif lowered == b"etag" and value.startswith(b"W/"):
+                # A weak validator still holds for the same data in an envelope (RFC 9110 §8.8.1).
+                self.etag = (name, value)
+        if content_type is None or not is_json_media_type(content_type):
+            return _PASS
+        return _WRAP_BUFFER if self.mw.validate_json else _WRAP_STREAM
 
     async def _on_body(self, message: Message) -> None:
-        if self.complete:
-            raise RuntimeError("the app sent a body after the response was complete")
         mode = self.mode
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
         held = self.start
-        if mode is _Mode.PASS:
-            self.bytes_sent += len(body)
-            self.complete = not more
-            await self.send_downstream(message)
-        elif held is None:
-            if mode is _Mode.WRAP_STREAM:
+        if held is None:
+            if mode == _WRAP_STREAM:
                 await self._write((body, b"}") if not more else (body,), more=more)
-            elif mode is _Mode.BODYLESS:
+            elif mode == _BODYLESS:
                 self.complete = not more
                 await self.send_downstream({"type": "http.response.body", "body": b"", "more_body": more})
             else:
                 raise RuntimeError("the app sent a body before http.response.start")
-        elif mode is _Mode.WRAP_BUFFER:
+        elif mode == _WRAP_BUFFER:
             self.chunks.append(body)
             if not more:
                 await self._send_wrapped_buffer(held)
-        elif mode is _Mode.WRAP_STREAM:
+        elif mode == _WRAP_STREAM:
             await self._open_wrapped_stream(held, body, more=more)
-        else:  # _Mode.ERROR
+        else:  # _ERROR
             if self.body_size < ERROR_BODY_LIMIT:
                 self.chunks.append(body)
                 self.body_size += len(body)
@@ -316,14 +343,17 @@ class _Exchange:
         kind = message["type"]
         held = self.start
         if held is not None and kind in _SENDFILE_MESSAGES:
-            if self.mode is _Mode.ERROR:
+            if self.mode == _ERROR:
                 # An error page sent as a file: its bytes are not read, the status decides.
                 await self._send_error_from_response(held)
                 return
             # A JSON file sent by path cannot be wrapped without reading it: it passes.
-            self.mode = _Mode.PASS
-            await self._send_start({**held, "headers": self._replace(held.get("headers") or [])})
-        elif kind == "http.response.trailers" and self.mode is _Mode.ERROR:
+            self.mode = _PASS
+            id_name = self.mw.id_header
+            kept = [pair for pair in held.get("headers") or [] if pair[0].lower() != id_name]
+            kept.append((id_name, self.request_id))
+            await self._send_start({**held, "headers": kept})
+        elif kind == "http.response.trailers" and self.mode == _ERROR:
             return  # the error envelope is sent without trailers
         if kind in _SENDFILE_MESSAGES:
             self.complete = True
@@ -352,9 +382,22 @@ class _Exchange:
                 )
                 await self._send_error(self.mw.errors.for_code("downstream_invalid_response"), [])
                 return
-        prefix = self._envelope_prefix()
-        await self._send_start(self._wrapped_start(held, len(prefix) + len(body) + 1))
-        await self._write((prefix, body, b"}"), more=False)
+        prefix = b'{"request_id":"' + self.request_id + b'","data":'
+        size = len(prefix) + len(body) + 1
+        self.start = None
+        self.downstream_started = True
+        self.status = held["status"]
+        self.bytes_sent = size
+        self.complete = True
+        send = self.send_downstream
+        await send(self._wrapped_start(held, size))
+        if size <= _JOIN_LIMIT:
+            await send({"type": "http.response.body", "body": b"".join((prefix, body, b"}"))})
+        else:
+            # Large: the body goes out as it is rather than copied into one buffer.
+            await send({"type": "http.response.body", "body": prefix, "more_body": True})
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": b"}"})
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
         if body.startswith(BOM):
@@ -364,7 +407,7 @@ class _Exchange:
             if more:
                 return  # nothing to show yet: an empty body must become null
             body = b"null"
-        prefix = self._envelope_prefix()
+        prefix = b'{"request_id":"' + self.request_id + b'","data":'
         if more:
             length = self._streamed_length(held, len(prefix) + 1)
             await self._send_start(self._wrapped_start(held, length))
@@ -382,22 +425,19 @@ class _Exchange:
         # A stripped BOM was counted in the app's length.
         return int(declared) + overhead - (3 if self.bom_stripped else 0)
 
-    def _envelope_prefix(self) -> bytes:
-        return b'{"request_id":"' + self.request_id + b'","data":'
-
     def _wrapped_start(self, held: Message, content_length: int | None) -> Message:
-        headers = [
-            (name, value)
-            for name, value in held.get("headers") or []
-            if (lowered := name.lower()) not in WRAPPED_BODY_HEADERS
-            and lowered != self.mw.id_header
-            and not (lowered == b"etag" and not value.startswith(b"W/"))
-        ]
+        drop = self.mw.wrap_drop
+        headers = []
+        for pair in held.get("headers") or ():
+            if pair[0].lower() not in drop:
+                headers.append(pair)  # noqa: PERF401 - a plain loop is cheaper than a comprehension in 3.11
+        if self.etag is not None:
+            headers.append(self.etag)
         headers.append((b"content-type", b"application/json"))
         if content_length is not None:
-            headers.append((b"content-length", b"%d" % content_length))
-        headers.append(self.id_header)
-        return {**held, "headers": headers}
+            headers.append((b"content-length", str(content_length).encode()))
+        headers.append((self.mw.id_header, self.request_id))
+        return {"type": "http.response.start", "status": held["status"], "headers": headers}
 
     # -- errors --------------------------------------------------------------
 
@@ -411,12 +451,8 @@ class _Exchange:
             body,
             has_credentials=self._has_credentials(),
         )
-        kept = [
-            (name, value)
-            for name, value in headers
-            if (lowered := name.lower()) not in BODY_HEADERS and lowered != self.mw.id_header
-        ]
-        await self._send_error(failure, kept_headers=kept)
+        drop = self.mw.error_drop
+        await self._send_error(failure, [pair for pair in headers if pair[0].lower() not in drop])
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for an exception from the app; False when it is too late to answer."""
@@ -436,13 +472,11 @@ class _Exchange:
             mw.logger.warning("server_error", request_id=request_id, error_code=failure.code, exc_info=exc)
         self.start = None
         self.chunks = []
-        await self._send_error(failure, kept_headers=[])
+        await self._send_error(failure, [])
         return True
 
     async def finish(self) -> None:
-        """The app returned: make sure the client got a whole response."""
-        if self.complete:
-            return
+        """The app returned without completing its response."""
         request_id = self.request_id_str
         if self.downstream_started:
             # The server sees an unfinished response and closes the connection.
@@ -452,16 +486,16 @@ class _Exchange:
         self.start = None
         await self._send_error(self.mw.errors.for_code("internal"), [])
 
-    async def _send_error(self, failure: Failure, kept_headers: RawHeaders) -> None:
+    async def _send_error(self, failure: Failure, headers: RawHeaders) -> None:
         body = self.mw.errors.render(self.request_id, failure)
-        headers = kept_headers
+        drop = self.mw.error_drop
         for name, value in failure.headers.items():
             encoded = _encode_header(name, value)
-            if encoded is not None and encoded[0] not in BODY_HEADERS and encoded[0] != self.mw.id_header:
+            if encoded is not None and encoded[0] not in drop:
                 headers.append(encoded)
         headers.append((b"content-type", b"application/json"))
         headers.append((b"content-length", b"%d" % len(body)))
-        headers.append(self.id_header)
+        headers.append((self.mw.id_header, self.request_id))
         self.error_code = failure.code
         await self._send_start({"type": "http.response.start", "status": failure.status, "headers": headers})
         if self.scope["method"] == "HEAD":
@@ -488,13 +522,6 @@ class _Exchange:
         last = len(parts) - 1
         for index, part in enumerate(parts):
             await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
-
-    def _replace(self, headers: RawHeaders, drop: tuple[bytes, ...] = ()) -> RawHeaders:
-        """The app's headers with the id header set to ours (exactly one)."""
-        id_name = self.mw.id_header
-        kept = [(n, v) for n, v in headers if (lowered := n.lower()) != id_name and lowered not in drop]
-        kept.append(self.id_header)
-        return kept
 
     def _has_credentials(self) -> bool:
         return header_value(self.scope["headers"], b"authorization") is not None

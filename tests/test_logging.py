@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import types
 
 import pytest
 import structlog
@@ -13,6 +14,9 @@ from structlog.contextvars import bind_contextvars, get_contextvars
 from structlog.testing import LogCapture
 
 from envelope_middleware import EnvelopeMiddleware, RequestIdFilter, ResourceNotFound, get_request_id
+from envelope_middleware import _context as context_module
+from envelope_middleware import middleware as middleware_module
+from envelope_middleware._context import structlog_context_vars
 from tests.conftest import JSON, body, call, scripted, start
 
 log = structlog.get_logger("app")
@@ -166,3 +170,40 @@ async def test_logging_through_structlog_stdlib_integration(caplog: pytest.LogCa
     assert len(messages) == 3
     assert all(f'"request_id": "{request_id}"' in m for m in messages)
     assert {r.name for r in caplog.records} == {"app", "envelope_middleware"}
+
+
+async def test_logging_falls_back_to_structlog_public_api_when_its_registry_is_out_of_reach(
+    logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware_module, "structlog_context_vars", lambda: None)
+    mw = EnvelopeMiddleware(chatty_app)
+    assert mw.context_vars is None
+    bind_contextvars(tenant="acme")
+    try:
+        sent = await call(mw, "GET", "/branches")
+        assert get_contextvars() == {"tenant": "acme"}
+    finally:
+        structlog.contextvars.clear_contextvars()
+    assert {e["request_id"] for e in logs.entries} == {sent.header("x-request-id")}
+    assert {e["path"] for e in logs.entries} == {"/branches"}
+
+
+def test_logging_context_vars_are_structlogs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = structlog_context_vars()
+    assert found is not None
+    token = found[0].set("abc")
+    try:
+        assert get_contextvars()["request_id"] == "abc"
+    finally:
+        found[0].reset(token)
+    # A structlog whose registry has moved: only the public API is there.
+    public_only = types.SimpleNamespace(
+        bind_contextvars=structlog.contextvars.bind_contextvars,
+        reset_contextvars=structlog.contextvars.reset_contextvars,
+    )
+    monkeypatch.setattr(context_module, "structlog_contextvars", public_only)
+    assert structlog_context_vars() is None
+    # A registry that holds something else under those names.
+    public_only._CONTEXT_VARS = {"structlog_request_id": "not a ContextVar"}
+    public_only.STRUCTLOG_KEY_PREFIX = "structlog_"
+    assert structlog_context_vars() is None

@@ -188,6 +188,20 @@ async def test_envelope_large_body_is_sent_without_copying_it_into_the_prefix() 
     assert sent.header("content-length") == str(len(sent.body))
 
 
+async def test_envelope_trusted_mode_streams_a_large_first_chunk_without_copying_it() -> None:
+    first = b"[" + b"7," * 50_000
+    app = envelope(scripted(start(200, [JSON]), body(first, more=True), body(b"7]")), validate_json=False)
+    sent = await call(app)
+    assert any(m["body"] is first for m in sent.body_messages)
+    assert sent.json()["data"] == [7] * 50_001
+
+
+async def test_envelope_wraps_identity_encoded_json() -> None:
+    headers = [(b"content-encoding", b"identity"), JSON]
+    sent = await call(envelope(scripted(start(200, headers), body(b"[1]"))))
+    assert sent.json()["data"] == [1]
+
+
 async def test_envelope_replaces_content_length_case_insensitively() -> None:
     app = envelope(scripted(start(200, [JSON, (b"Content-Length", b"2")]), body(b"{}")))
     sent = await call(app)

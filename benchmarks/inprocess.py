@@ -1,0 +1,380 @@
+"""Per-request cost of the envelope, in process, against a bare Starlette app.
+
+Every stack is the same Starlette app serving a pre-encoded JSON body, with
+one middleware in front of it (or none: the baseline). The stacks are driven
+in interleaved rounds, each round in a fresh random order, and each stack's
+cost is reported as the median over rounds of (stack - bare) measured in the
+same round: this machine's speed drifts within seconds, and pairing cancels
+the drift that a plain median would keep.
+
+    python benchmarks/inprocess.py                 # all sizes, ~1 minute
+    python benchmarks/inprocess.py --quick         # fewer rounds, for a look
+    python benchmarks/inprocess.py --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import orjson
+import structlog
+from asgi_correlation_id import CorrelationIdMiddleware
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from envelope_middleware import EnvelopeMiddleware, hex_request_id
+
+SIZES = {"200B": 200, "100KB": 100_000, "1MB": 1_000_000}
+
+
+def payload(size: int) -> bytes:
+    """A realistic paginated orders body of about `size` bytes."""
+    rng = random.Random(size)
+    orders: list[dict[str, Any]] = []
+    body = b""
+    while len(body) < size:
+        orders.append(
+            {
+                "id": f"ord_{len(orders):06d}",
+                "status": rng.choice(["pending", "accepted", "delivered"]),
+                "total": round(rng.uniform(1, 300), 2),
+                "items": [{"sku": f"SKU-{rng.randint(1, 999)}", "qty": rng.randint(1, 4)}],
+            }
+        )
+        body = orjson.dumps({"page": 1, "size": len(orders), "total": 10_000, "orders": orders})
+    if size < 1000:
+        body = orjson.dumps(
+            {"page": 1, "size": 1, "total": 1, "orders": [{"id": "ord_1", "note": "x" * (size - 60)}]}
+        )
+    return body
+
+
+# -- comparison stacks -----------------------------------------------------------
+
+
+class EmptyLayer:
+    """A pass-through ASGI layer: the floor of what any middleware costs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class BufferedOrjsonEnvelope:
+    """The common hand-written envelope: hold the body, orjson.loads, orjson.dumps."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = hex_request_id()
+        held: Message = {}
+        chunks: list[bytes] = []
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = orjson.dumps({"request_id": request_id, "data": orjson.loads(b"".join(chunks))})
+            headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
+            headers += [(b"content-length", b"%d" % len(body)), (b"x-request-id", request_id.encode())]
+            await send({**held, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, wrapped)
+
+
+class BufferedSplice:
+    """Hold the body and splice bytes around it, with no JSON check."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = hex_request_id().encode()
+        held: Message = {}
+        chunks: list[bytes] = []
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b'{"request_id":"' + request_id + b'","data":' + b"".join(chunks) + b"}"
+            headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
+            headers += [(b"content-length", b"%d" % len(body)), (b"x-request-id", request_id)]
+            await send({**held, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, wrapped)
+
+
+class NaiveBaseHTTPEnvelope(BaseHTTPMiddleware):
+    """The envelope as it is often first written: BaseHTTPMiddleware + json.loads/dumps."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        chunks = [chunk async for chunk in response.body_iterator]  # type: ignore[attr-defined]
+        request_id = hex_request_id()
+        data = json.loads(b"".join(chunks))
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        headers["x-request-id"] = request_id
+        return Response(
+            json.dumps({"request_id": request_id, "data": data}),
+            status_code=response.status_code,
+            headers=headers,
+            media_type="application/json",
+        )
+
+
+def quiet_structlog() -> None:
+    """structlog as a production service sets it up: JSON lines, cached loggers, to /dev/null."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")),  # noqa: SIM115, PTH123
+        cache_logger_on_first_use=True,
+    )
+
+
+def stacks(body: bytes) -> dict[str, ASGIApp]:
+    async def endpoint(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    def app(*middleware: Middleware) -> ASGIApp:
+        return Starlette(routes=[Route("/orders", endpoint)], middleware=list(middleware))
+
+    env = EnvelopeMiddleware
+    return {
+        "bare": app(),
+        "empty ASGI layer": app(Middleware(EmptyLayer)),
+        "asgi-correlation-id": app(Middleware(CorrelationIdMiddleware)),
+        "naive BaseHTTP + json": app(Middleware(NaiveBaseHTTPEnvelope)),
+        "buffered orjson envelope": app(Middleware(BufferedOrjsonEnvelope)),
+        "buffered byte splice": app(Middleware(BufferedSplice)),
+        "ours: validating, no context, no log": app(
+            Middleware(env, access_log=False, bind_contextvars=False)
+        ),
+        "ours: trusted, no context, no log": app(
+            Middleware(env, validate_json=False, access_log=False, bind_contextvars=False)
+        ),
+        "ours: validating + context": app(Middleware(env, access_log=False)),
+        "ours: trusted + context": app(Middleware(env, validate_json=False, access_log=False)),
+        "ours: validating + context + access log": app(Middleware(env)),
+    }
+
+
+# -- driver ------------------------------------------------------------------------
+
+SCOPE: Scope = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/orders",
+    "raw_path": b"/orders",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"gateway"), (b"accept", b"application/json"), (b"user-agent", b"bench")],
+    "client": ("127.0.0.1", 5000),
+    "server": ("127.0.0.1", 8000),
+}
+
+
+async def receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def send(message: Message) -> None:
+    return None
+
+
+async def batch(app: ASGIApp, count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        await app({**SCOPE, "state": {}}, receive, send)
+    return (time.perf_counter() - start) / count
+
+
+@dataclass
+class Result:
+    stack: str
+    size: str
+    median_us: float
+    added_us: float
+    added_iqr: tuple[float, float]
+
+
+def measure(size_name: str, body: bytes, rounds: int, loop: asyncio.AbstractEventLoop) -> list[Result]:
+    apps = stacks(body)
+    count = max(20, min(2000, 40_000_000 // (len(body) * 20 + 200_000)))
+    for app in apps.values():  # warm up: imports, caches, first-use logger setup
+        loop.run_until_complete(batch(app, max(5, count // 10)))
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    deltas: dict[str, list[float]] = {name: [] for name in apps}
+    names = list(apps)
+    for _ in range(rounds):
+        random.shuffle(names)
+        gc.collect()
+        this_round = {name: loop.run_until_complete(batch(apps[name], count)) for name in names}
+        for name, seconds in this_round.items():
+            samples[name].append(seconds)
+            deltas[name].append(seconds - this_round["bare"])
+    results = []
+    for name in apps:
+        q = statistics.quantiles(deltas[name], n=4) if rounds >= 4 else [deltas[name][0]] * 3
+        results.append(
+            Result(
+                name,
+                size_name,
+                statistics.median(samples[name]) * 1e6,
+                statistics.median(deltas[name]) * 1e6,
+                (q[0] * 1e6, q[2] * 1e6),
+            )
+        )
+    return results
+
+
+def validators(body: bytes, repeat: int) -> dict[str, float]:
+    """Cost of the JSON check alone, next to the decoders it replaces."""
+    from envelope_middleware._http import json_error  # noqa: PLC0415 - the private function under test
+
+    raw = msgspec.json.Decoder(type=msgspec.Raw)
+    candidates: dict[str, Callable[[], object]] = {
+        "orjson.loads": lambda: orjson.loads(body),
+        "json.loads": lambda: json.loads(body),
+        "msgspec Raw": lambda: raw.decode(body),
+        "json_error (msgspec Raw + UTF-8)": lambda: json_error(body),
+    }
+    number = max(3, min(5000, 50_000_000 // (len(body) * 10 + 1000)))
+    out = {}
+    for name, fn in candidates.items():
+        best = min(timeit_once(fn, number) for _ in range(5))
+        out[name] = best * 1e6
+    return out
+
+
+def timeit_once(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def report(results: list[Result], checks: dict[str, dict[str, float]], rounds: int) -> str:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    lines = [
+        f"Machine: {machine}; {rounds} interleaved rounds per size.",
+        "",
+        "Added cost per request in microseconds: median of the paired (stack - bare)",
+        "differences, interquartile range in brackets.",
+        "",
+        "| stack | " + " | ".join(SIZES) + " |",
+        "|---|" + "---|" * len(SIZES),
+    ]
+    by_stack: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_stack.setdefault(r.stack, {})[r.size] = r
+    for stack, per_size in by_stack.items():
+        cells = []
+        for size in SIZES:
+            r = per_size[size]
+            if stack == "bare":
+                cells.append(f"{r.median_us:.1f} (baseline)")
+            else:
+                cells.append(f"+{r.added_us:.1f} [{r.added_iqr[0]:.1f}, {r.added_iqr[1]:.1f}]")
+        lines.append(f"| {stack} | " + " | ".join(cells) + " |")
+    lines += ["", "JSON check alone, best of 5, microseconds per body:", ""]
+    lines += ["| check | " + " | ".join(SIZES) + " |", "|---|" + "---|" * len(SIZES)]
+    for name in next(iter(checks.values())):
+        lines.append(f"| {name} | " + " | ".join(f"{checks[s][name]:.1f}" for s in SIZES) + " |")
+    lines += ["", *goals(by_stack, checks)]
+    return "\n".join(lines)
+
+
+def goals(by_stack: dict[str, dict[str, Result]], checks: dict[str, dict[str, float]]) -> list[str]:
+    def added(stack: str, size: str = "200B") -> float:
+        return by_stack[stack][size].added_us
+
+    cid = added("asgi-correlation-id")
+    full = added("ours: validating + context")
+    bare_envelope = added("ours: validating, no context, no log")
+    logged = added("ours: validating + context + access log")
+    trusted_small, trusted_big = added("ours: trusted + context"), added("ours: trusted + context", "1MB")
+    check_big = checks["1MB"]["json_error (msgspec Raw + UTF-8)"]
+    loads_big = checks["1MB"]["orjson.loads"]
+    return [
+        "Goals (issue #2), read from this run:",
+        "",
+        (
+            f"- full contract (id, envelope, context), 200 B: +{full:.1f} us, "
+            f"{full / cid:.2f} of asgi-correlation-id's +{cid:.1f} us (goal: at most 0.33)"
+        ),
+        f"- trusted mode: +{trusted_big:.1f} us at 1 MB against +{trusted_small:.1f} us at 200 B",
+        (
+            f"- the JSON check at 1 MB: {check_big:.0f} us, {check_big / loads_big:.2f} "
+            f"of an orjson.loads ({loads_big:.0f} us)"
+        ),
+        f"- context binding alone: +{full - bare_envelope:.1f} us; access log alone: +{logged - full:.1f} us",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="5 rounds")
+    parser.add_argument("--markdown", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    rounds = 5 if args.quick else args.rounds
+    quiet_structlog()
+    loop = asyncio.new_event_loop()
+    results: list[Result] = []
+    checks: dict[str, dict[str, float]] = {}
+    for size_name, size in SIZES.items():
+        body = payload(size)
+        print(f"measuring {size_name} ({len(body)} bytes)...", file=sys.stderr)
+        results += measure(size_name, body, rounds, loop)
+        checks[size_name] = validators(body, rounds)
+    loop.close()
+    text = report(results, checks, rounds)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as out:  # noqa: PTH123
+            out.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
