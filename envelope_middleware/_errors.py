@@ -49,8 +49,9 @@ class Failure:
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
-    # Set when the failure came from an exception the log should explain.
-    expected: bool = True
+    # How the log tells of it: "quiet" (the access line is enough), "warning" for
+    # a mapped exception such as a backend timeout, "error" for an unhandled one.
+    log: str = "quiet"
 
 
 class ErrorPolicy:
@@ -140,8 +141,8 @@ class ErrorPolicy:
             return Failure(exc.status_code, code, message, {}, exc.headers or {})
         spec = self._lookup(type(exc))
         if spec is None:
-            spec = self._catalogue["internal"]
-        return Failure(spec.status, spec.code, spec.message, expected=False)
+            return Failure(500, "internal", self._default_message("internal"), log="error")
+        return Failure(spec.status, spec.code, spec.message, log="warning")
 
     def _lookup(self, exc_type: type[BaseException]) -> ErrorSpec | None:
         try:

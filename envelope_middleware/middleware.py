@@ -42,6 +42,7 @@ SCOPE_KEY = "envelope_middleware.request_id"
 # it, copying costs more than two extra sends (see benchmarks/README.md).
 _JOIN_LIMIT = 64 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
+_LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
 _SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 
 # What the middleware does with a response, decided at its start. Plain ints:
@@ -451,6 +452,14 @@ class _Exchange:
             body,
             has_credentials=self._has_credentials(),
         )
+        if failure.status >= 500 and body:
+            # What the client will not see is kept for whoever reads the log.
+            self.mw.logger.warning(
+                "error_body_replaced",
+                request_id=self.request_id_str,
+                status=failure.status,
+                body_excerpt=body[:_LOGGED_BODY_LIMIT].decode("utf-8", "replace"),
+            )
         drop = self.mw.error_drop
         await self._send_error(failure, [pair for pair in headers if pair[0].lower() not in drop])
 
@@ -464,12 +473,15 @@ class _Exchange:
             mw.logger.error("exception_after_response_started", request_id=request_id, exc_info=exc)
             return False
         failure = mw.errors.from_exception(_unwrap(exc), has_credentials=self._has_credentials())
-        if not failure.expected:
+        # The client gets a generic message; the log gets the exception, with the id.
+        if failure.log == "error":
             mw.logger.error(
                 "unhandled_exception", request_id=request_id, error_code=failure.code, exc_info=exc
             )
-        elif failure.status >= 500:
-            mw.logger.warning("server_error", request_id=request_id, error_code=failure.code, exc_info=exc)
+        elif failure.log == "warning":
+            mw.logger.warning(
+                "mapped_exception", request_id=request_id, error_code=failure.code, exc_info=exc
+            )
         self.start = None
         self.chunks = []
         await self._send_error(failure, [])

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from decimal import Decimal
 from typing import Any
 
+import httpx
+import httpx2
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from envelope_middleware import DEFAULT_CATALOGUE, ApiError, Catalogue, EnvelopeMiddleware, ErrorSpec
 from envelope_middleware._errors import ErrorPolicy
+from tests._server import serve
 from tests.conftest import JSON, body, call, make_scope, scripted, start
 
 
@@ -126,3 +135,50 @@ async def test_errors_plain_text_that_is_not_utf8_is_not_a_message() -> None:
     app = scripted(start(400, [(b"content-type", b"text/plain")]), body(b"caf\xe9"))
     sent = await call(EnvelopeMiddleware(app, access_log=False))
     assert sent.json()["error"]["message"] == DEFAULT_CATALOGUE["request_invalid"].message
+
+
+@pytest.mark.parametrize("client_module", [httpx2, httpx], ids=["httpx2", "httpx"])
+async def test_errors_connect_failure_to_a_service_is_502_downstream_unavailable(
+    client_module: Any, logs: Any
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with client_module.AsyncClient() as client:
+            await client.get(f"http://127.0.0.1:{port}/orders")
+
+    sent = await call(EnvelopeMiddleware(app))
+    error = sent.json()["error"]
+    assert (sent.status, error["code"]) == (502, "downstream_unavailable")
+    assert "127.0.0.1" not in sent.body.decode()
+    [event] = [e for e in logs.entries if e["event"] == "mapped_exception"]
+    assert isinstance(event["exc_info"], client_module.ConnectError)
+    assert event["request_id"] == sent.header("x-request-id")
+
+
+@pytest.mark.parametrize("client_module", [httpx2, httpx], ids=["httpx2", "httpx"])
+def test_errors_read_timeout_from_a_service_is_504_downstream_timeout(client_module: Any) -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(2)
+        return Response(b"{}", media_type="application/json")
+
+    backend = Starlette(routes=[Route("/slow", slow)])
+    with serve(backend) as base:
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            async with client_module.AsyncClient(timeout=0.2) as client:
+                await client.get(f"{base}/slow")
+
+        sent = asyncio.run(call(EnvelopeMiddleware(app, access_log=False)))
+    assert (sent.status, sent.json()["error"]["code"]) == (504, "downstream_timeout")
+
+
+def test_errors_protocol_error_from_a_service_is_502(logs: Any) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise httpx2.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    sent = asyncio.run(call(EnvelopeMiddleware(app)))
+    assert (sent.status, sent.json()["error"]["code"]) == (502, "downstream_unavailable")
+    assert b"peer closed" not in sent.body

@@ -207,3 +207,23 @@ def test_logging_context_vars_are_structlogs_own(monkeypatch: pytest.MonkeyPatch
     public_only._CONTEXT_VARS = {"structlog_request_id": "not a ContextVar"}
     public_only.STRUCTLOG_KEY_PREFIX = "structlog_"
     assert structlog_context_vars() is None
+
+
+async def test_logging_keeps_a_replaced_5xx_body_in_the_log_only(logs: LogCapture) -> None:
+    trace = b"Traceback: connection to orders-db-2.internal refused"
+    sent = await call(
+        EnvelopeMiddleware(scripted(start(500, [(b"content-type", b"text/plain")]), body(trace)))
+    )
+    assert b"orders-db-2" not in sent.body
+    [event] = [e for e in logs.entries if e["event"] == "error_body_replaced"]
+    assert event["request_id"] == sent.header("x-request-id")
+    assert event["status"] == 500
+    assert "orders-db-2.internal" in event["body_excerpt"]
+
+
+async def test_logging_deliberate_api_errors_add_no_traceback(logs: LogCapture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ResourceNotFound
+
+    await call(EnvelopeMiddleware(app))
+    assert [e["event"] for e in logs.entries] == ["http_request"]

@@ -1,0 +1,180 @@
+"""Start the reference gateway under uvicorn: `python -m envelope_middleware.demo --help`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from envelope_middleware.demo.backends import create_backends
+from envelope_middleware.demo.gateway import CREDENTIALS, configure_logging, create_gateway
+
+BACKENDS = ("orders", "branches", "brands")
+_ENV = "ENVELOPE_DEMO_BACKENDS"  # how `--workers N` hands backend URLs to each worker
+
+
+@dataclass
+class Options:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backends: dict[str, str] = field(default_factory=dict)
+    serve_backends: bool = False
+    backend_port: int = 9001
+    timeout: float = 1.0
+    workers: int = 1
+    request_id_format: str = "hex"
+    trusted: bool = False
+    access_log: bool = True
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="envelope-demo", description="The envelope_middleware reference partner gateway."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="send NAME (orders, branches, brands) to a real HTTP service, e.g. orders=http://127.0.0.1:9001",
+    )
+    parser.add_argument(
+        "--serve-backends",
+        action="store_true",
+        help="also serve the demo backends on their own ports and reach them over HTTP",
+    )
+    parser.add_argument("--backend-port", type=int, default=9001, help="first port for --serve-backends")
+    parser.add_argument("--timeout", type=float, default=1.0, help="seconds a backend may take")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--request-id-format", choices=["hex", "prefixed_uuid"], default="hex")
+    parser.add_argument("--trusted", action="store_true", help="trust backend JSON: no validation")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false")
+    args = parser.parse_args(argv)
+    backends: dict[str, str] = {}
+    for spec in args.backend:
+        name, sep, url = spec.partition("=")
+        if not sep or name not in BACKENDS or not url.startswith(("http://", "https://")):
+            parser.error(f"--backend takes NAME=URL with NAME one of {', '.join(BACKENDS)}: {spec!r}")
+        backends[name] = url
+    if args.serve_backends and backends:
+        parser.error("--serve-backends and --backend exclude each other")
+    if args.serve_backends and args.workers > 1:
+        parser.error("--serve-backends runs in one process; give --backend URLs to use --workers")
+    return Options(
+        host=args.host,
+        port=args.port,
+        backends=backends,
+        serve_backends=args.serve_backends,
+        backend_port=args.backend_port,
+        timeout=args.timeout,
+        workers=args.workers,
+        request_id_format=args.request_id_format,
+        trusted=args.trusted,
+        access_log=args.access_log,
+    )
+
+
+def build(options: Options) -> ASGIApp:
+    """The gateway for these options: named backends over HTTP, the others in process."""
+    embedded = create_backends()
+    targets: dict[str, ASGIApp | str] = {
+        name: options.backends.get(name) or embedded[name] for name in BACKENDS
+    }
+    return create_gateway(
+        targets,
+        timeout=options.timeout,
+        request_id_format="prefixed_uuid" if options.request_id_format == "prefixed_uuid" else "hex",
+        validate_json=not options.trusted,
+        access_log=options.access_log,
+    )
+
+
+def banner(options: Options) -> str:
+    base = f"http://{options.host}:{options.port}"
+    key, secret = CREDENTIALS[0].partner_key, CREDENTIALS[0].secret
+    ro_key, ro_secret = CREDENTIALS[1].partner_key, CREDENTIALS[1].secret
+    where = ", ".join(f"{name}={options.backends.get(name, 'in-process')}" for name in BACKENDS)
+    return "\n".join(
+        [
+            f"partner gateway on {base}  (backends: {where})",
+            f"credentials: {key}:{secret} (all scopes), {ro_key}:{ro_secret} (orders:read only)",
+            "try:",
+            f"  curl -si -u {key}:{secret} '{base}/orders?page=1&size=2'",
+            f"  curl -si -u {key}:{secret} '{base}/branches?size=3'",
+            f"  curl -si -u {key}:{secret} '{base}/brands'",
+            (
+                f"  curl -si -u {key}:{secret} -X PATCH {base}/items/13/availability "
+                "-d '{\"available\": false}'   # 422 state_invalid_transition"
+            ),
+            f"  curl -si -u {key}:{secret} {base}/orders/ord_crash     # 500, nothing leaked",
+            f"  curl -si -u {key}:{secret} {base}/orders/ord_slow      # 504 downstream_timeout",
+            f"  curl -si -u {key}:{secret} {base}/orders/ord_garbled   # 502 downstream_invalid_response",
+            f"  curl -si -u {ro_key}:{ro_secret} {base}/brands         # 403 auth_forbidden",
+            f"  curl -si '{base}/orders?brand_id=1'                     # 401 auth_missing",
+        ]
+    )
+
+
+def app_from_environment() -> ASGIApp:
+    """Factory for `--workers N`: each worker process builds its own gateway."""
+    configure_logging()
+    options = Options()
+    for spec in filter(None, os.environ.get(_ENV, "").split(",")):
+        name, _, url = spec.partition("=")
+        options.backends[name] = url
+    options.timeout = float(os.environ.get(_ENV + "_TIMEOUT", "1.0"))
+    options.trusted = os.environ.get(_ENV + "_TRUSTED") == "1"
+    options.access_log = os.environ.get(_ENV + "_ACCESS_LOG", "1") == "1"
+    return build(options)
+
+
+async def serve(options: Options) -> None:
+    """Serve the gateway, and with --serve-backends the backends, in this process."""
+    servers = []
+    if options.serve_backends:
+        for offset, (name, app) in enumerate(create_backends().items()):
+            port = options.backend_port + offset
+            options.backends[name] = f"http://127.0.0.1:{port}"
+            config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+            servers.append(uvicorn.Server(config))
+    gateway = uvicorn.Config(
+        build(options), host=options.host, port=options.port, log_config=None, access_log=False
+    )
+    servers.append(uvicorn.Server(gateway))
+    print(banner(options), flush=True)  # noqa: T201 - the demo's start-up message
+    await asyncio.gather(*(server.serve() for server in servers))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    configure_logging()
+    if options.workers > 1:
+        os.environ[_ENV] = ",".join(f"{name}={url}" for name, url in options.backends.items())
+        os.environ[_ENV + "_TIMEOUT"] = str(options.timeout)
+        os.environ[_ENV + "_TRUSTED"] = "1" if options.trusted else "0"
+        os.environ[_ENV + "_ACCESS_LOG"] = "1" if options.access_log else "0"
+        print(banner(options), flush=True)  # noqa: T201 - the demo's start-up message
+        uvicorn.run(
+            "envelope_middleware.demo.__main__:app_from_environment",
+            factory=True,
+            host=options.host,
+            port=options.port,
+            workers=options.workers,
+            log_config=None,
+            access_log=False,
+        )
+        return 0
+    asyncio.run(serve(options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

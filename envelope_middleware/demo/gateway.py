@@ -1,0 +1,266 @@
+"""The reference partner-API gateway: auth, validation and forwarding, behind the envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import orjson
+import structlog
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from envelope_middleware import (
+    AuthForbidden,
+    AuthInvalidCredential,
+    AuthMissing,
+    DownstreamTimeout,
+    EnvelopeMiddleware,
+    RequestInvalid,
+    async_request_id_hook,
+)
+from envelope_middleware.request_id import RequestIdFormat
+
+__all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
+
+_REALM = {"WWW-Authenticate": 'Basic realm="partner-api"'}
+_FORWARDED_HEADERS = ("content-type", "retry-after")
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A partner's HTTP Basic credential and the scopes it grants."""
+
+    partner_key: str
+    secret: str
+    scopes: frozenset[str]
+
+
+CREDENTIALS = (
+    Credential(
+        "demo_partner", "demo_secret", frozenset({"orders:read", "brands:read", "menus:read", "menus:oos"})
+    ),
+    Credential("demo_readonly", "readonly_secret", frozenset({"orders:read"})),
+)
+
+
+@dataclass(frozen=True)
+class _Api:
+    """One gateway route: which backend serves it and which scope it needs."""
+
+    backend: str
+    scope: str
+
+
+def _authorize(request: Request, credentials: Mapping[str, Credential], scope: str) -> Credential:
+    header = request.headers.get("authorization")
+    if header is None:
+        raise AuthMissing("Send HTTP Basic credentials: partner_key:secret_key.", headers=_REALM)
+    kind, _, encoded = header.partition(" ")
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        decoded = ""
+    key, colon, secret = decoded.partition(":")
+    if kind.lower() != "basic" or not colon:
+        raise AuthMissing(
+            "The Authorization header is not HTTP Basic partner_key:secret_key.", headers=_REALM
+        )
+    credential = credentials.get(key)
+    # Compare even for unknown keys, so timing does not tell which keys exist.
+    expected = credential.secret if credential is not None else "\x00" * len(secret)
+    if not hmac.compare_digest(secret.encode(), expected.encode()) or credential is None:
+        raise AuthInvalidCredential(headers=_REALM)
+    if scope not in credential.scopes:
+        raise AuthForbidden(f"This credential lacks the {scope} scope.", details={"required_scope": scope})
+    return credential
+
+
+def _positive_int(
+    request: Request, name: str, errors: list[dict[str, str]], *, default: int | None, maximum: int
+) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        errors.append({"field": name, "message": f"must be an integer from 1 to {maximum}"})
+        return None
+    return int(raw)
+
+
+def _validated_query(request: Request, *, filters: bool) -> dict[str, int]:
+    errors: list[dict[str, str]] = []
+    query: dict[str, int | None] = {
+        "page": _positive_int(request, "page", errors, default=1, maximum=100_000),
+        "size": _positive_int(request, "size", errors, default=20, maximum=MAX_PAGE_SIZE),
+    }
+    if filters:
+        given = [name for name in ("brand_id", "branch_id") if name in request.query_params]
+        if len(given) == 1:
+            raise RequestInvalid(
+                "brand_id and branch_id must be passed together or omitted together",
+                details={"errors": [{"field": given[0], "message": "needs its pair"}]},
+            )
+        for name in given:
+            query[name] = _positive_int(request, name, errors, default=None, maximum=10**9)
+    if errors:
+        raise RequestInvalid("The query parameters are invalid.", details={"errors": errors})
+    return {name: value for name, value in query.items() if value is not None}
+
+
+async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Response:
+    client: httpx2.AsyncClient = request.app.state.clients[api.backend]
+    try:
+        # The bound covers in-process backends too, which no socket timeout reaches.
+        async with asyncio.timeout(request.app.state.timeout):
+            upstream = await client.request(request.method, path, **kwargs)
+    except TimeoutError:
+        raise DownstreamTimeout(f"The {api.backend} service did not answer in time.") from None
+    headers = {name: upstream.headers[name] for name in _FORWARDED_HEADERS if name in upstream.headers}
+    return Response(upstream.content, status_code=upstream.status_code, headers=headers)
+
+
+def create_gateway(
+    backends: Mapping[str, ASGIApp | str] | None = None,
+    *,
+    timeout: float = 1.0,
+    credentials: Iterable[Credential] = CREDENTIALS,
+    request_id_format: RequestIdFormat = "hex",
+    validate_json: bool = True,
+    access_log: bool = True,
+) -> Starlette:
+    """The partner gateway: each backend is an in-process ASGI app or a base URL."""
+    if backends is None:
+        from envelope_middleware.demo.backends import create_backends  # noqa: PLC0415 - demo data on demand
+
+        backends = create_backends()
+    missing = {"orders", "branches", "brands"} - set(backends)
+    if missing:
+        raise ValueError(f"the gateway needs backends for {sorted(missing)}")
+    by_key = {credential.partner_key: credential for credential in credentials}
+    orders, branches, brands, items = (
+        _Api("orders", "orders:read"),
+        _Api("branches", "brands:read"),
+        _Api("brands", "brands:read"),
+        _Api("brands", "menus:oos"),
+    )
+
+    async def list_orders(request: Request) -> Response:
+        _authorize(request, by_key, orders.scope)
+        return await _forward(request, orders, "/orders", params=_validated_query(request, filters=True))
+
+    async def get_order(request: Request) -> Response:
+        _authorize(request, by_key, orders.scope)
+        return await _forward(request, orders, f"/orders/{request.path_params['order_id']}")
+
+    async def list_branches(request: Request) -> Response:
+        _authorize(request, by_key, branches.scope)
+        return await _forward(request, branches, "/branches", params=_validated_query(request, filters=False))
+
+    async def list_brands(request: Request) -> Response:
+        _authorize(request, by_key, brands.scope)
+        return await _forward(request, brands, "/brands", params=_validated_query(request, filters=False))
+
+    async def item_availability(request: Request) -> Response:
+        _authorize(request, by_key, items.scope)
+        try:
+            change = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            change = None
+        if not isinstance(change, dict) or not isinstance(change.get("available"), bool):
+            raise RequestInvalid(
+                'The body must be a JSON object {"available": true|false}.',
+                details={"errors": [{"field": "available", "message": "must be a boolean"}]},
+            )
+        item_id = request.path_params["item_id"]
+        return await _forward(request, items, f"/items/{item_id}/availability", json=change)
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        clients: dict[str, httpx2.AsyncClient] = {}
+        for name, target in backends.items():
+            hooks = {"request": [async_request_id_hook]}
+            if isinstance(target, str):
+                clients[name] = httpx2.AsyncClient(base_url=target, timeout=timeout, event_hooks=hooks)
+            else:
+                transport = httpx2.ASGITransport(app=target)
+                clients[name] = httpx2.AsyncClient(
+                    transport=transport, base_url=f"http://{name}", event_hooks=hooks
+                )
+        app.state.clients = clients
+        app.state.timeout = timeout
+        try:
+            yield
+        finally:
+            for client in clients.values():
+                await client.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/orders", list_orders),
+            Route("/orders/{order_id}", get_order),
+            Route("/branches", list_branches),
+            Route("/brands", list_brands),
+            Route("/items/{item_id:int}/availability", item_availability, methods=["PATCH"]),
+            Route("/health", health),
+        ],
+        middleware=[
+            Middleware(
+                EnvelopeMiddleware,
+                request_id_format=request_id_format,
+                exclude_paths=["/health"],
+                validate_json=validate_json,
+                access_log=access_log,
+            )
+        ],
+        lifespan=lifespan,
+    )
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """JSON lines on stdout from structlog and the stdlib (uvicorn), each with the request id."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
