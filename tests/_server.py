@@ -12,11 +12,10 @@ from starlette.types import ASGIApp
 
 
 @contextmanager
-def serve(app: ASGIApp, **config: object) -> Iterator[str]:
+def serve(app: ASGIApp, *, lifespan: str = "auto") -> Iterator[str]:
     """Serve `app` with uvicorn on 127.0.0.1 and yield its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", **config)  # type: ignore[arg-type]
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -172,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=False,
         )
         return 0
-    asyncio.run(serve(options))
+    # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(options))
     return 0
 
 

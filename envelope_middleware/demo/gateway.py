@@ -102,21 +102,21 @@ def _positive_int(
     return int(raw)
 
 
-def _validated_query(request: Request, *, filters: bool) -> dict[str, int]:
+def _validated_query(request: Request, *, filters: tuple[str, ...] = ()) -> dict[str, int]:
+    """page and size, plus the named id filters; ("brand_id", "branch_id") go together."""
     errors: list[dict[str, str]] = []
     query: dict[str, int | None] = {
         "page": _positive_int(request, "page", errors, default=1, maximum=100_000),
         "size": _positive_int(request, "size", errors, default=20, maximum=MAX_PAGE_SIZE),
     }
-    if filters:
-        given = [name for name in ("brand_id", "branch_id") if name in request.query_params]
-        if len(given) == 1:
-            raise RequestInvalid(
-                "brand_id and branch_id must be passed together or omitted together",
-                details={"errors": [{"field": given[0], "message": "needs its pair"}]},
-            )
-        for name in given:
-            query[name] = _positive_int(request, name, errors, default=None, maximum=10**9)
+    given = [name for name in filters if name in request.query_params]
+    if len(filters) == 2 and len(given) == 1:
+        raise RequestInvalid(
+            "brand_id and branch_id must be passed together or omitted together",
+            details={"errors": [{"field": given[0], "message": "needs its pair"}]},
+        )
+    for name in given:
+        query[name] = _positive_int(request, name, errors, default=None, maximum=10**9)
     if errors:
         raise RequestInvalid("The query parameters are invalid.", details={"errors": errors})
     return {name: value for name, value in query.items() if value is not None}
@@ -161,7 +161,9 @@ def create_gateway(
 
     async def list_orders(request: Request) -> Response:
         _authorize(request, by_key, orders.scope)
-        return await _forward(request, orders, "/orders", params=_validated_query(request, filters=True))
+        return await _forward(
+            request, orders, "/orders", params=_validated_query(request, filters=("brand_id", "branch_id"))
+        )
 
     async def get_order(request: Request) -> Response:
         _authorize(request, by_key, orders.scope)
@@ -169,11 +171,12 @@ def create_gateway(
 
     async def list_branches(request: Request) -> Response:
         _authorize(request, by_key, branches.scope)
-        return await _forward(request, branches, "/branches", params=_validated_query(request, filters=False))
+        query = _validated_query(request, filters=("brand_id",))
+        return await _forward(request, branches, "/branches", params=query)
 
     async def list_brands(request: Request) -> Response:
         _authorize(request, by_key, brands.scope)
-        return await _forward(request, brands, "/brands", params=_validated_query(request, filters=False))
+        return await _forward(request, brands, "/brands", params=_validated_query(request))
 
     async def item_availability(request: Request) -> Response:
         _authorize(request, by_key, items.scope)

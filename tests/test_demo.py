@@ -1,0 +1,402 @@
+"""The reference gateway (issue #3): every route and error path, in process and over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import httpx2
+import orjson
+import pytest
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from envelope_middleware.demo import CREDENTIALS, create_backends, create_gateway
+from envelope_middleware.demo import backends as backends_module
+from envelope_middleware.demo.__main__ import Options, app_from_environment, banner, build, parse_args
+from envelope_middleware.demo.data import ARCHIVED_ITEM_EVERY, generate
+from tests._server import serve
+
+FULL = (CREDENTIALS[0].partner_key, CREDENTIALS[0].secret)
+READ_ONLY = (CREDENTIALS[1].partner_key, CREDENTIALS[1].secret)
+HEX = re.compile(r"[0-9a-f]{32}")
+
+
+class Recorder:
+    """Wraps a backend to record the X-Request-ID each call carried."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.seen: list[str | None] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            ids = [v.decode() for k, v in scope["headers"] if k == b"x-request-id"]
+            self.seen.append(ids[0] if len(ids) == 1 else None)
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module", params=["in-process", "real-http"])
+def gateway_server(request: pytest.FixtureRequest) -> Iterator[tuple[httpx2.Client, dict[str, Recorder]]]:
+    """One gateway per mode for the module: starting four uvicorn servers per test is slow."""
+    recorders = {name: Recorder(app) for name, app in create_backends().items()}
+    with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends_module, "SLOW_SECONDS", 0.8)
+        if request.param == "in-process":
+            app = create_gateway(recorders, timeout=0.3, access_log=False)
+            client: httpx2.Client = stack.enter_context(TestClient(app))
+        else:
+            urls = {name: stack.enter_context(serve(app)) for name, app in recorders.items()}
+            gateway_app = create_gateway(urls, timeout=0.3, access_log=False)
+            base = stack.enter_context(serve(gateway_app, lifespan="on"))
+            client = stack.enter_context(httpx2.Client(base_url=base))
+        yield client, recorders
+
+
+@pytest.fixture
+def gateway(
+    gateway_server: tuple[httpx2.Client, dict[str, Recorder]],
+) -> tuple[httpx2.Client, dict[str, Recorder]]:
+    for recorder in gateway_server[1].values():
+        recorder.seen.clear()
+    return gateway_server
+
+
+def check_envelope(response: httpx2.Response) -> dict[str, Any]:
+    document: dict[str, Any] = response.json()
+    assert HEX.fullmatch(response.headers["x-request-id"])
+    assert document["request_id"] == response.headers["x-request-id"]
+    if response.is_success:
+        assert set(document) == {"request_id", "data"}
+    else:
+        assert set(document) == {"request_id", "error"}
+        assert set(document["error"]) == {"code", "message", "details"}
+    return document
+
+
+def error_of(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = check_envelope(response)["error"]
+    assert error["code"] == code
+    return error
+
+
+# -- success routes keep each service's shape ---------------------------------
+
+
+def test_demo_orders_page_lives_under_data_orders(gateway: Any) -> None:
+    client, recorders = gateway
+    response = client.get("/orders", params={"page": 2, "size": 3}, auth=FULL)
+    data = check_envelope(response)["data"]
+    assert (data["page"], data["size"], data["total"]) == (2, 3, 600)
+    expected = generate().orders[3:6]
+    assert data["orders"] == expected
+    assert all(order["items"] and order["total"] > 0 for order in data["orders"])
+    assert recorders["orders"].seen == [response.headers["x-request-id"]]
+
+
+def test_demo_orders_are_byte_for_byte_what_the_service_sent(gateway: Any) -> None:
+    client, _ = gateway
+    response = client.get("/orders", params={"size": 5}, auth=FULL)
+    with TestClient(create_backends()["orders"]) as backend:
+        direct = backend.get("/orders", params={"page": 1, "size": 5})
+    prefix = b'{"request_id":"' + response.headers["x-request-id"].encode() + b'","data":'
+    assert response.content == prefix + direct.content + b"}"
+
+
+def test_demo_orders_filter_by_brand_and_branch_together(gateway: Any) -> None:
+    client, _ = gateway
+    order = generate().orders[0]
+    params = {"brand_id": order["brand_id"], "branch_id": order["branch_id"], "size": 100}
+    data = check_envelope(client.get("/orders", params=params, auth=FULL))["data"]
+    assert data["orders"]
+    assert {(o["brand_id"], o["branch_id"]) for o in data["orders"]} == {
+        (order["brand_id"], order["branch_id"])
+    }
+
+
+def test_demo_order_by_id(gateway: Any) -> None:
+    client, _ = gateway
+    assert check_envelope(client.get("/orders/ord_00042", auth=FULL))["data"]["id"] == "ord_00042"
+
+
+def test_demo_branches_page_lives_under_data_results(gateway: Any) -> None:
+    client, recorders = gateway
+    response = client.get("/branches", params={"size": 4}, auth=FULL)
+    data = check_envelope(response)["data"]
+    assert set(data) == {"page", "size", "total", "results"}
+    assert len(data["results"]) == 4
+    assert recorders["branches"].seen == [response.headers["x-request-id"]]
+
+
+def test_demo_brands_page_lives_under_data_0_brands(gateway: Any) -> None:
+    client, _ = gateway
+    data = check_envelope(client.get("/brands", params={"page": 2, "size": 10}, auth=FULL))["data"]
+    assert isinstance(data, list)
+    assert len(data) == 1
+    assert (data[0]["page"], data[0]["size"], data[0]["total"]) == (2, 10, 24)
+    assert [b["id"] for b in data[0]["brands"]] == list(range(11, 21))
+
+
+def test_demo_item_availability_changes(gateway: Any) -> None:
+    client, recorders = gateway
+    response = client.patch("/items/1/availability", json={"available": False}, auth=FULL)
+    assert check_envelope(response)["data"]["status"] == "out_of_stock"
+    assert recorders["brands"].seen == [response.headers["x-request-id"]]
+
+
+def test_demo_health_is_excluded_from_the_envelope(gateway: Any) -> None:
+    client, _ = gateway
+    response = client.get("/health")
+    assert response.json() == {"status": "ok"}
+    assert HEX.fullmatch(response.headers["x-request-id"])
+
+
+# -- gateway-side errors --------------------------------------------------------
+
+
+def test_demo_missing_credentials_are_auth_missing(gateway: Any) -> None:
+    client, recorders = gateway
+    response = client.get("/orders")
+    error_of(response, 401, "auth_missing")
+    assert response.headers["www-authenticate"] == 'Basic realm="partner-api"'
+    assert recorders["orders"].seen == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer abc", "Basic not-base64!", "Basic " + base64.b64encode(b"no-colon").decode(), "Basic"],
+)
+def test_demo_malformed_credentials_are_auth_missing(gateway: Any, header: str) -> None:
+    client, _ = gateway
+    error_of(client.get("/orders", headers={"Authorization": header}), 401, "auth_missing")
+
+
+@pytest.mark.parametrize("auth", [("demo_partner", "wrong"), ("nobody", "demo_secret")])
+def test_demo_wrong_credentials_are_auth_invalid_credential(gateway: Any, auth: tuple[str, str]) -> None:
+    client, _ = gateway
+    error_of(client.get("/orders", auth=auth), 401, "auth_invalid_credential")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/brands"), ("GET", "/branches"), ("PATCH", "/items/1/availability")]
+)
+def test_demo_missing_scope_is_auth_forbidden(gateway: Any, method: str, path: str) -> None:
+    client, _ = gateway
+    response = client.request(method, path, json={"available": True}, auth=READ_ONLY)
+    error = error_of(response, 403, "auth_forbidden")
+    assert error["details"]["required_scope"] in {"brands:read", "menus:oos"}
+
+
+@pytest.mark.parametrize(
+    ("params", "fields"),
+    [
+        ({"page": "0"}, {"page"}),
+        ({"size": "101"}, {"size"}),
+        ({"size": "ten", "page": "-1"}, {"size", "page"}),
+        ({"brand_id": "x", "branch_id": "2"}, {"brand_id"}),
+    ],
+)
+def test_demo_invalid_query_is_request_invalid_with_fields(
+    gateway: Any, params: dict[str, str], fields: set[str]
+) -> None:
+    client, recorders = gateway
+    error = error_of(client.get("/orders", params=params, auth=FULL), 400, "request_invalid")
+    assert {e["field"] for e in error["details"]["errors"]} == fields
+    assert recorders["orders"].seen == []
+
+
+@pytest.mark.parametrize("given", ["brand_id", "branch_id"])
+def test_demo_brand_and_branch_must_come_together(gateway: Any, given: str) -> None:
+    client, _ = gateway
+    error = error_of(client.get("/orders", params={given: 1}, auth=FULL), 400, "request_invalid")
+    assert error["message"] == "brand_id and branch_id must be passed together or omitted together"
+
+
+@pytest.mark.parametrize("content", [b"not json", b'{"available": "yes"}', b"[]"])
+def test_demo_invalid_patch_body_is_request_invalid(gateway: Any, content: bytes) -> None:
+    client, _ = gateway
+    error_of(client.patch("/items/1/availability", content=content, auth=FULL), 400, "request_invalid")
+
+
+def test_demo_unknown_routes_and_methods(gateway: Any) -> None:
+    client, _ = gateway
+    error_of(client.get("/menus", auth=FULL), 404, "resource_not_found")
+    response = client.delete("/orders", auth=FULL)
+    error_of(response, 405, "method_not_allowed")
+    assert "GET" in response.headers["allow"]
+
+
+# -- backend errors, each in its service's own style -----------------------------
+
+
+def test_demo_order_not_found_keeps_the_service_message(gateway: Any) -> None:
+    client, _ = gateway
+    error = error_of(client.get("/orders/ord_99999", auth=FULL), 404, "resource_not_found")
+    assert error["message"] == "Order ord_99999 not found"
+
+
+def test_demo_archived_item_is_state_invalid_transition(gateway: Any) -> None:
+    client, _ = gateway
+    response = client.patch(f"/items/{ARCHIVED_ITEM_EVERY}/availability", json={"available": True}, auth=FULL)
+    error = error_of(response, 422, "state_invalid_transition")
+    assert error["details"] == {"item_id": ARCHIVED_ITEM_EVERY, "from": "archived"}
+
+
+def test_demo_unknown_item_problem_json_is_resource_not_found(gateway: Any) -> None:
+    client, _ = gateway
+    error = error_of(
+        client.patch("/items/9999/availability", json={"available": True}, auth=FULL),
+        404,
+        "resource_not_found",
+    )
+    assert error["message"] == "No menu item 9999"
+
+
+def test_demo_plain_text_500_leaks_nothing(gateway: Any) -> None:
+    client, _ = gateway
+    response = client.get("/orders/ord_crash", auth=FULL)
+    error_of(response, 500, "internal")
+    for leak in ("Traceback", "orders-db-2", "psycopg", "5432"):
+        assert leak not in response.text
+
+
+def test_demo_slow_backend_is_downstream_timeout(gateway: Any) -> None:
+    client, _ = gateway
+    error_of(client.get("/orders/ord_slow", auth=FULL), 504, "downstream_timeout")
+
+
+def test_demo_malformed_backend_json_is_downstream_invalid_response(gateway: Any) -> None:
+    client, _ = gateway
+    response = client.get("/orders/ord_garbled", auth=FULL)
+    error_of(response, 502, "downstream_invalid_response")
+    assert "ord_garbled" not in response.text
+
+
+def test_demo_branches_filter_by_brand(gateway: Any) -> None:
+    client, _ = gateway
+    data = check_envelope(client.get("/branches", params={"brand_id": 3, "size": 100}, auth=FULL))["data"]
+    assert data["results"]
+    assert {b["brand_id"] for b in data["results"]} == {3}
+
+
+def test_demo_branch_errors_in_error_object_style_keep_their_message(gateway: Any) -> None:
+    client, _ = gateway
+    error = error_of(client.get("/branches", params={"brand_id": 999}, auth=FULL), 404, "resource_not_found")
+    assert error["message"] == "No branches for this brand"
+
+
+def test_demo_unreachable_backend_is_downstream_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backends: dict[str, Any] = dict(create_backends())
+    backends["orders"] = f"http://127.0.0.1:{port}"
+    with TestClient(create_gateway(backends, access_log=False)) as client:
+        response = client.get("/orders", auth=FULL)
+    error = error_of(response, 502, "downstream_unavailable")
+    assert str(port) not in error["message"]
+
+
+def test_demo_gateway_requires_all_three_backends() -> None:
+    with pytest.raises(ValueError, match="brands"):
+        create_gateway({"orders": "http://a", "branches": "http://b"})
+
+
+def test_demo_default_gateway_embeds_the_demo_backends() -> None:
+    with TestClient(create_gateway(access_log=False)) as client:
+        assert client.get("/brands", auth=FULL).json()["data"][0]["total"] == 24
+
+
+# -- the command line ---------------------------------------------------------------
+
+
+def test_demo_cli_parses_backends_and_rejects_bad_combinations(capsys: pytest.CaptureFixture[str]) -> None:
+    options = parse_args(["--backend", "orders=http://127.0.0.1:9001", "--port", "8100", "--trusted"])
+    assert options.backends == {"orders": "http://127.0.0.1:9001"}
+    assert (options.port, options.trusted) == (8100, True)
+    for argv in (
+        ["--backend", "payments=http://x"],
+        ["--backend", "orders"],
+        ["--serve-backends", "--backend", "orders=http://x"],
+        ["--serve-backends", "--workers", "2"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    assert "--backend" in capsys.readouterr().err
+
+
+def test_demo_cli_banner_names_credentials_and_curl_lines() -> None:
+    text = banner(Options(port=8100))
+    assert "demo_partner:demo_secret" in text
+    assert text.count("curl ") >= 8
+    assert "orders=in-process" in text
+
+
+def test_demo_cli_builds_a_gateway_from_options_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with TestClient(build(Options(request_id_format="prefixed_uuid", access_log=False))) as client:
+        assert client.get("/health").headers["x-request-id"].startswith("req_")
+    recorder = Recorder(create_backends()["orders"])
+    with serve(recorder) as orders_url:
+        monkeypatch.setenv("ENVELOPE_DEMO_BACKENDS", f"orders={orders_url}")
+        monkeypatch.setenv("ENVELOPE_DEMO_BACKENDS_ACCESS_LOG", "0")
+        with TestClient(app_from_environment()) as client:
+            response = client.get("/orders", auth=FULL)
+    assert response.status_code == 200
+    assert recorder.seen == [response.headers["x-request-id"]]  # reached over HTTP
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    "extra", [[], ["--serve-backends"], ["--workers", "2"]], ids=["embedded", "own-ports", "workers"]
+)
+def test_demo_cli_serves_the_gateway_over_real_http(extra: list[str]) -> None:
+    port, backend_port = _free_port(), _free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "envelope_middleware.demo",
+        "--port",
+        str(port),
+        "--backend-port",
+        str(backend_port),
+    ]
+    process = subprocess.Popen(
+        [*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ}
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx2.get(f"http://127.0.0.1:{port}/orders?size=1", auth=FULL)
+                break
+            except httpx2.TransportError:
+                assert process.poll() is None, "the demo exited early"
+                assert time.monotonic() < deadline, "the demo did not start"
+                time.sleep(0.2)
+        assert response.json()["data"]["orders"][0]["id"] == "ord_00001"
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert b"Traceback" not in output
+    lines = output.decode().splitlines()
+    assert any("curl" in line for line in lines)
+    access = [orjson.loads(line) for line in lines if '"event":"http_request"' in line]
+    assert access
+    assert access[0]["request_id"] == response.headers["x-request-id"]
