@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import gc
 import json
 import os
@@ -154,6 +155,8 @@ class NaiveBaseHTTPEnvelope(BaseHTTPMiddleware):
 
 def quiet_structlog() -> None:
     """structlog as a production service sets it up: JSON lines, cached loggers, to /dev/null."""
+    sink = open(os.devnull, "w")  # noqa: SIM115, PTH123 - kept open for the process's logging
+    atexit.register(sink.close)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -161,7 +164,7 @@ def quiet_structlog() -> None:
             structlog.processors.TimeStamper(fmt="iso"),
             structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
         ],
-        logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")),  # noqa: SIM115, PTH123
+        logger_factory=structlog.PrintLoggerFactory(file=sink),
         cache_logger_on_first_use=True,
     )
 

@@ -1,0 +1,331 @@
+"""Load test: each stack under uvicorn (httptools, uvloop), driven by wrk over loopback.
+
+For every body size the stacks are started in turn, in a fresh random order
+per repetition, and each gets the same fixed-time wrk run. Reported per stack
+and size: requests/s, p50 and p99 latency (medians over repetitions), peak RSS
+of the server, and the ratio of requests/s to the bare app's.
+
+    python benchmarks/load.py                        # all stacks and sizes, ~8 minutes
+    python benchmarks/load.py --duration 3 --repeats 1 --sizes 200B   # a quick look
+    python benchmarks/load.py --workers 2
+
+wrk comes from Debian's package (`apt-get install wrk`). The server and wrk are
+pinned to separate cores with taskset when the machine has two or more.
+Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx2
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+SIZES = {"200B": 200, "100KB": 100_000, "1MB": 1_000_000}
+STACKS = [
+    "bare",
+    "correlation_id",
+    "naive",
+    "envelope_trusted",
+    "envelope_validating",
+    "envelope_validating_logged",
+    "gateway",
+]
+LABELS = {
+    "bare": "bare Starlette",
+    "correlation_id": "asgi-correlation-id",
+    "naive": "naive BaseHTTP + json",
+    "envelope_trusted": "envelope, trusted",
+    "envelope_validating": "envelope, validating",
+    "envelope_validating_logged": "envelope, validating + access log",
+    "gateway": "reference gateway (GET /orders)",
+}
+# The gateway's pages: size=1 is about 350 B, size=100 about 33 KB; larger pages are not offered.
+GATEWAY_PAGE = {"200B": 1, "100KB": 100, "1MB": 100}
+AUTH = "Basic " + __import__("base64").b64encode(b"demo_partner:demo_secret").decode()
+
+
+@dataclass
+class Run:
+    stack: str
+    size: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    peak_rss_mb: float
+    non_2xx: int
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def pinned(command: list[str], core: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(core), *command]
+    return command
+
+
+def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "BENCH_BODY_BYTES": str(SIZES[size]), "PYTHONPATH": str(ROOT)}
+    if stack == "gateway":
+        command = [
+            sys.executable,
+            "-m",
+            "envelope_middleware.demo",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--workers",
+            str(workers),
+        ]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            f"apps:{stack}",
+            "--factory",
+            "--app-dir",
+            str(HERE),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http",
+            "httptools",
+            "--loop",
+            "uvloop",
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+    process = subprocess.Popen(
+        pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    url = target_url(stack, size, port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx2.get(url, headers={"Authorization": AUTH}, timeout=5).raise_for_status()
+        except httpx2.HTTPError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_server(process)
+                stderr = process.stderr.read().decode() if process.stderr else ""
+                raise RuntimeError(f"{stack} did not start: {stderr}") from None
+            time.sleep(0.1)
+        else:
+            return process
+
+
+def target_url(stack: str, size: str, port: int) -> str:
+    if stack == "gateway":
+        return f"http://127.0.0.1:{port}/orders?size={GATEWAY_PAGE[size]}"
+    return f"http://127.0.0.1:{port}/orders"
+
+
+def peak_rss_mb(process: subprocess.Popen[bytes]) -> float:
+    """VmHWM of the server and its worker processes, in MiB."""
+    pids = [process.pid]
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    if children.exists():
+        pids += [int(pid) for pid in children.read_text().split()]
+    total_kb = 0
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status")
+        if status.exists():
+            match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+            total_kb += int(match.group(1)) if match else 0
+    return total_kb / 1024
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wrk(url: str, duration: int, connections: int, threads: int) -> dict[str, float]:
+    script = HERE / "wrk_auth.lua"
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    output = subprocess.run(pinned(command, 1), capture_output=True, text=True, check=True).stdout
+    return parse_wrk(output)
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if not match:
+            raise ValueError(f"no {label}% latency in wrk output:\n{output}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if rps is None:
+        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    return {
+        "rps": float(rps.group(1)),
+        "p50": latency("50"),
+        "p99": latency("99"),
+        "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
+        "errors": float(sum(int(g) for g in errors.groups())) if errors else 0.0,
+    }
+
+
+def measure(args: argparse.Namespace) -> list[Run]:
+    runs: list[Run] = []
+    for size in args.sizes:
+        samples: dict[str, list[dict[str, float]]] = {stack: [] for stack in args.stacks}
+        rss: dict[str, float] = {}
+        for repeat in range(args.repeats):
+            order = list(args.stacks)
+            random.shuffle(order)
+            for stack in order:
+                port = free_port()
+                process = start_server(stack, size, port, args.workers)
+                try:
+                    url = target_url(stack, size, port)
+                    wrk(url, 1, args.connections, args.threads)  # warm-up
+                    result = wrk(url, args.duration, args.connections, args.threads)
+                    rss[stack] = max(rss.get(stack, 0.0), peak_rss_mb(process))
+                finally:
+                    stop_server(process)
+                samples[stack].append(result)
+                print(
+                    f"{size:>6} #{repeat + 1} {LABELS[stack]:<36} {result['rps']:>9.0f} req/s "
+                    f"p50 {result['p50']:.2f} ms p99 {result['p99']:.2f} ms",
+                    file=sys.stderr,
+                )
+        runs.extend(
+            Run(
+                stack=stack,
+                size=size,
+                requests_per_s=statistics.median(s["rps"] for s in samples[stack]),
+                p50_ms=statistics.median(s["p50"] for s in samples[stack]),
+                p99_ms=statistics.median(s["p99"] for s in samples[stack]),
+                peak_rss_mb=rss[stack],
+                non_2xx=int(sum(s["non_2xx"] for s in samples[stack])),
+                errors=int(sum(s["errors"] for s in samples[stack])),
+            )
+            for stack in args.stacks
+        )
+    return runs
+
+
+def table(runs: list[Run], args: argparse.Namespace) -> str:
+    lines = [
+        (
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"uvicorn ({args.workers} worker(s), httptools, uvloop) on core 0, "
+            f"`wrk -t{args.threads} -c{args.connections} -d{args.duration}s` on core 1; "
+            f"median of {args.repeats} interleaved run(s)."
+        ),
+        "",
+        "| size | stack | req/s | vs bare | p50 ms | p99 ms | peak RSS MiB | non-2xx | socket errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    bare = {r.size: r for r in runs if r.stack == "bare"}
+    for r in runs:
+        ratio = f"{r.requests_per_s / bare[r.size].requests_per_s:.2f}" if r.size in bare else "-"
+        lines.append(
+            f"| {r.size} | {LABELS[r.stack]} | {r.requests_per_s:.0f} | {ratio} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.peak_rss_mb:.0f} | {r.non_2xx} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(runs: list[Run], path: Path) -> None:
+    import matplotlib as mpl  # noqa: PLC0415 - only the report needs it
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    sizes = list(dict.fromkeys(r.size for r in runs))
+    stacks = list(dict.fromkeys(r.stack for r in runs))
+    bare = {r.size: r.requests_per_s for r in runs if r.stack == "bare"}
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / len(stacks)
+    for index, stack in enumerate(stacks):
+        by_size = {r.size: r for r in runs if r.stack == stack}
+        xs = [i + index * width for i in range(len(sizes))]
+        axes[0].bar(xs, [by_size[s].requests_per_s / bare[s] for s in sizes], width, label=LABELS[stack])
+        axes[1].bar(xs, [by_size[s].peak_rss_mb for s in sizes], width, label=LABELS[stack])
+    for axis, title in zip(axes, ["requests/s relative to bare Starlette", "peak RSS (MiB)"], strict=True):
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes)
+        axis.set_title(title)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].axhline(1.0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=8, help="seconds of wrk per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--stacks", nargs="+", choices=STACKS, default=STACKS)
+    parser.add_argument("--output", default=str(RESULTS / "load"), help="path prefix for .md, .json, .png")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print(
+            "wrk is not installed: on Debian or Ubuntu, `apt-get install wrk`",
+            file=sys.stderr,
+        )
+        return 2
+    if "bare" not in args.stacks:
+        args.stacks.insert(0, "bare")
+    runs = measure(args)
+    text = table(runs, args)
+    print(text)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".md").write_text(text + "\n")
+    output.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    chart(runs, output.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
