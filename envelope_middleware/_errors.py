@@ -37,6 +37,7 @@ _TEXT_MEDIA = (b"text/plain",)
 _MAPPED_CACHE_SIZE = 1024
 # Answers the middleware itself gives: unhandled exceptions, invalid 2xx JSON.
 _REQUIRED_CODES = frozenset({"internal", "request_invalid", "downstream_invalid_response"})
+_CREDENTIAL_CODES = frozenset({"auth_missing", "auth_invalid_credential"})
 _PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "code"})
 
 
@@ -118,12 +119,12 @@ class ErrorPolicy:
         return Failure(spec.status, spec.code, spec.message)
 
     def fallback_code(self, status: int, *, has_credentials: bool) -> str:
-        spec = self._catalogue.for_status(status)
-        if status == 401 and {"auth_missing", "auth_invalid_credential"} <= self._allowed:
+        code = self._catalogue.for_status(status).code
+        if code in _CREDENTIAL_CODES and self._allowed >= _CREDENTIAL_CODES:
             # The contract separates "no credentials" from "wrong credentials";
             # the request itself tells which one a bare 401 meant.
             return "auth_invalid_credential" if has_credentials else "auth_missing"
-        return spec.code
+        return code
 
     def _default_message(self, code: str) -> str:
         spec = self._catalogue.get(code)

@@ -38,8 +38,9 @@ __all__ = ["SCOPE_KEY", "EnvelopeMiddleware"]
 # further in sees it and steps aside, so a double mount gives one envelope.
 SCOPE_KEY = "envelope_middleware.request_id"
 
-# Below this size prefix, body and suffix are joined into one message; above
-# it, copying costs more than two extra sends (see benchmarks/README.md).
+# Up to this size, prefix, body and suffix are joined into one message; above
+# it they go out as separate messages rather than a copy of the whole body, so
+# a large body costs the same as a small one (issue #2, trusted mode).
 _JOIN_LIMIT = 64 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
@@ -134,7 +135,7 @@ class EnvelopeMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id = self.generate_id() if self.plain_id else self._request_id(scope)
+        request_id = self.generate_id() if self.plain_id else self._make_request_id(scope)
         scope[SCOPE_KEY] = request_id
         state = scope.get("state")
         if state is None:
@@ -162,26 +163,29 @@ class EnvelopeMiddleware:
                 if not exchange.complete:
                     await exchange.finish()
         finally:
-            if self.access_log:
-                self.logger.info(
-                    "http_request",
-                    request_id=request_id,
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=exchange.status,
-                    error_code=exchange.error_code,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                    bytes_sent=exchange.bytes_sent,
-                )
-            if context_vars is not None:
-                path_var.reset(tokens[2])
-                method_var.reset(tokens[1])
-                id_var.reset(tokens[0])
-            elif self.context_fallback:
-                reset_contextvars(**fallback_tokens)
-            _request_id.reset(id_token)
+            try:
+                if self.access_log:
+                    self.logger.info(
+                        "http_request",
+                        request_id=request_id,
+                        method=scope["method"],
+                        path=scope["path"],
+                        status=exchange.status,
+                        error_code=exchange.error_code,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                        bytes_sent=exchange.bytes_sent,
+                    )
+            finally:
+                # Even a failing log call must not leave this request's context behind.
+                if context_vars is not None:
+                    path_var.reset(tokens[2])
+                    method_var.reset(tokens[1])
+                    id_var.reset(tokens[0])
+                elif self.context_fallback:
+                    reset_contextvars(**fallback_tokens)
+                _request_id.reset(id_token)
 
-    def _request_id(self, scope: Scope) -> str:
+    def _make_request_id(self, scope: Scope) -> str:
         if self.trust_request_id:
             incoming = self._incoming_request_id(scope)
             if incoming is not None:
@@ -259,8 +263,7 @@ class _Exchange:
                 and not self.chunks
                 and not message.get("more_body", False)
             ):
-                self.chunks.append(message.get("body", b""))
-                await self._send_wrapped_buffer(held)
+                await self._send_wrapped(held, message.get("body", b""))
             else:
                 await self._on_body(message)
         elif kind == "http.response.start":
@@ -330,7 +333,8 @@ class _Exchange:
         elif mode == _WRAP_BUFFER:
             self.chunks.append(body)
             if not more:
-                await self._send_wrapped_buffer(held)
+                chunks, self.chunks = self.chunks, []
+                await self._send_wrapped(held, b"".join(chunks))
         elif mode == _WRAP_STREAM:
             await self._open_wrapped_stream(held, body, more=more)
         else:  # _ERROR
@@ -362,10 +366,8 @@ class _Exchange:
 
     # -- wrapping 2xx JSON ---------------------------------------------------
 
-    async def _send_wrapped_buffer(self, held: Message) -> None:
-        chunks = self.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
+    async def _send_wrapped(self, held: Message, body: bytes) -> None:
+        """Validating mode: the whole body is here; check it, then send it wrapped."""
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]

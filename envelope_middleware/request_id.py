@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Literal, TypeAlias
 
@@ -30,10 +30,38 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
 _request_id: ContextVar[str | None] = ContextVar("envelope_middleware.request_id", default=None)
 
 
+class _HexIds:
+    """Hex ids drawn from the OS's CSPRNG 256 at a time.
+
+    One `os.urandom` call per request is a system call, about 0.6 us on the
+    benchmark machine; drawing 4 KiB at once amortises it to nothing. Taking
+    an id is one `next()` on a list iterator, atomic under the GIL, so two
+    threads never get the same id; if both refill at once, one batch is
+    dropped unused, which costs randomness, not uniqueness.
+    """
+
+    __slots__ = ("_ids",)
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._ids: Iterator[str] = iter(())
+
+    def __call__(self) -> str:
+        try:
+            return next(self._ids)
+        except StopIteration:
+            raw = os.urandom(16 * self._BATCH).hex()
+            ids = iter([raw[i : i + 32] for i in range(0, len(raw), 32)])
+            self._ids = ids
+            return next(ids)
+
+
+_hex_ids = _HexIds()
+
+
 def hex_request_id() -> str:
     """Return a production-style id: 32 lowercase hex characters (128 random bits)."""
-    # os.urandom(16).hex() is the same entropy as uuid4().hex without building a UUID.
-    return os.urandom(16).hex()
+    return _hex_ids()
 
 
 def prefixed_uuid_request_id() -> str:

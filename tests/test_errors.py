@@ -182,3 +182,12 @@ def test_errors_protocol_error_from_a_service_is_502(logs: Any) -> None:
     sent = asyncio.run(call(EnvelopeMiddleware(app)))
     assert (sent.status, sent.json()["error"]["code"]) == (502, "downstream_unavailable")
     assert b"peer closed" not in sent.body
+
+
+async def test_errors_a_401_status_default_set_by_the_gateway_wins() -> None:
+    catalogue = DEFAULT_CATALOGUE.extend(
+        [ErrorSpec("auth_expired", 401, "The session expired.")], status_defaults={401: "auth_expired"}
+    )
+    mw = EnvelopeMiddleware(scripted(start(401), body(b"")), catalogue=catalogue, access_log=False)
+    sent = await call(mw, headers=[("authorization", "Bearer x")])
+    assert sent.json()["error"]["code"] == "auth_expired"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import types
+from typing import Any
 
 import pytest
 import structlog
@@ -227,3 +228,15 @@ async def test_logging_deliberate_api_errors_add_no_traceback(logs: LogCapture) 
 
     await call(EnvelopeMiddleware(app))
     assert [e["event"] for e in logs.entries] == ["http_request"]
+
+
+async def test_logging_context_is_reset_even_when_the_access_log_fails() -> None:
+    class BrokenLogger:
+        def info(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("log sink is gone")
+
+    mw = EnvelopeMiddleware(scripted(start(204), body()), logger=BrokenLogger())
+    with pytest.raises(RuntimeError, match="log sink"):
+        await call(mw)
+    assert get_request_id() is None
+    assert get_contextvars() == {}

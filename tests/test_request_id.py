@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -159,3 +160,14 @@ async def test_get_request_id_is_reset_even_when_the_app_raises_a_base_exception
     with pytest.raises(KeyboardInterrupt):
         await call(EnvelopeMiddleware(app, access_log=False))
     assert get_request_id() is None
+
+
+def test_hex_request_id_is_unique_across_threads_and_refills() -> None:
+    def draw() -> list[str]:
+        return [hex_request_id() for _ in range(3000)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batches = list(pool.map(lambda _: draw(), range(4)))
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == len(ids) == 12_000
+    assert all(re.fullmatch(HEX_ID, i) for i in ids)
