@@ -232,7 +232,7 @@ async def test_logging_deliberate_api_errors_add_no_traceback(logs: LogCapture) 
 
 async def test_logging_context_is_reset_even_when_the_access_log_fails() -> None:
     class BrokenLogger:
-        def info(self, *args: Any, **kwargs: Any) -> None:
+        def info(self, *_args: Any, **_kwargs: Any) -> None:
             raise RuntimeError("log sink is gone")
 
     mw = EnvelopeMiddleware(scripted(start(204), body()), logger=BrokenLogger())
