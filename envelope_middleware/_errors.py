@@ -138,7 +138,8 @@ class ErrorPolicy:
             return Failure(exc.status, exc.code, exc.message, exc.details, exc.headers)
         if isinstance(exc, HTTPException) and 400 <= exc.status_code <= 599:
             code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
-            message = exc.detail if exc.status_code < 500 and exc.detail else self._default_message(code)
+            detail = _clean_message(exc.detail) if exc.status_code < 500 else None
+            message = detail or self._default_message(code)
             return Failure(exc.status_code, code, message, {}, exc.headers or {})
         spec = self._lookup(type(exc))
         if spec is None:
@@ -198,6 +199,8 @@ class ErrorPolicy:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
     if isinstance(value, set | frozenset | tuple):
         return list(value)
     if isinstance(value, Decimal):

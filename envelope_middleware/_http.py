@@ -37,10 +37,35 @@ WRAPPED_BODY_HEADERS = frozenset(
     {
         b"content-length",
         b"content-type",
+        b"transfer-encoding",
+        # Byte ranges of the service's document do not address the envelope.
+        b"accept-ranges",
         b"content-md5",
         b"digest",
         b"content-digest",
         b"repr-digest",
+    }
+)
+
+# A 5xx from an app or service keeps only these (and CORS's Access-Control-*):
+# its other headers, like its body, may name hosts and versions (Server,
+# X-Backend-Host, X-Debug-*), and the contract keeps those from partners.
+SERVER_ERROR_HEADERS = frozenset(
+    {
+        b"retry-after",
+        b"cache-control",
+        b"expires",
+        b"pragma",
+        b"vary",
+        b"set-cookie",
+        b"www-authenticate",
+        b"proxy-authenticate",
+        b"allow",
+        b"strict-transport-security",
+        b"content-security-policy",
+        b"x-content-type-options",
+        b"x-frame-options",
+        b"referrer-policy",
     }
 )
 
@@ -86,6 +111,10 @@ def json_error(body: bytes) -> str | None:
         _raw_decoder.decode(body)
     except msgspec.DecodeError as exc:
         return str(exc)
+    except RecursionError:
+        # Nesting deeper than the C stack allows: refused like any invalid body,
+        # not mistaken for a crash of the app.
+        return "nested too deeply"
     if not body.isascii():
         try:
             body.decode("utf-8")

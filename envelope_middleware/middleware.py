@@ -17,6 +17,7 @@ from envelope_middleware._errors import ERROR_BODY_LIMIT, ErrorPolicy, Failure
 from envelope_middleware._http import (
     BODY_HEADERS,
     BOM,
+    SERVER_ERROR_HEADERS,
     WRAPPED_BODY_HEADERS,
     RawHeaders,
     header_value,
@@ -43,6 +44,7 @@ SCOPE_KEY = "envelope_middleware.request_id"
 # a large body costs the same as a small one (issue #2, trusted mode).
 _JOIN_LIMIT = 64 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
+_FIELD_VALUE_INVALID = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # RFC 9110 §5.5: no CTLs but HTAB
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
 _SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 
@@ -104,6 +106,8 @@ class EnvelopeMiddleware:
     ) -> None:
         if not _TOKEN.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
+        if request_id_header.lower().encode() in BODY_HEADERS:
+            raise ValueError(f"request_id_header names a body header: {request_id_header!r}")
         self.app = app
         self.generate_id = resolve_generator(request_id_format)
         self.check_generated = request_id_format not in ("hex", "prefixed_uuid")
@@ -190,8 +194,14 @@ class EnvelopeMiddleware:
             incoming = self._incoming_request_id(scope)
             if incoming is not None:
                 return incoming
-        request_id = self.generate_id()
-        if self.check_generated and not (isinstance(request_id, str) and is_safe_request_id(request_id)):
+        if not self.check_generated:
+            return self.generate_id()
+        try:
+            request_id: object = self.generate_id()
+        except Exception as exc:
+            self.logger.exception("request_id_generator_failed", exc_info=exc)
+            return hex_request_id()
+        if not (isinstance(request_id, str) and is_safe_request_id(request_id)):
             # A custom generator's id goes unescaped into headers and JSON; an
             # unsafe one is replaced rather than failing the request.
             self.logger.error("request_id_generator_unsafe", generated_type=type(request_id).__name__)
@@ -213,7 +223,13 @@ class EnvelopeMiddleware:
             return None
         return candidate if is_safe_request_id(candidate) else None
 
-    def is_excluded(self, path: str) -> bool:
+    def is_excluded(self, scope: Scope) -> bool:
+        # Paths are the app's own: a mount point or a proxy's root_path in front
+        # of them (which servers and Starlette put into scope["path"]) is not.
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :] or "/"
         return path in self.excluded_paths or (
             bool(self.excluded_prefixes) and path.startswith(self.excluded_prefixes)
         )
@@ -279,9 +295,13 @@ class _Exchange:
             raise RuntimeError("the app sent http.response.start twice")
         status: int = message["status"]
         headers: RawHeaders = message.get("headers") or []
+        if type(headers) is not list:
+            # ASGI allows any iterable; it is read more than once here.
+            headers = [(bytes(name), bytes(value)) for name, value in headers]
+            message = {**message, "headers": headers}
         scope = self.scope
         mw = self.mw
-        if scope["method"] == "HEAD" or (mw.excluded_paths and mw.is_excluded(scope["path"])):
+        if scope["method"] == "HEAD" or (mw.excluded_paths and mw.is_excluded(scope)):
             mode = _PASS
         elif status in (204, 205, 304):
             mode = _BODYLESS
@@ -293,9 +313,15 @@ class _Exchange:
             mode = self._wrap_mode(headers)
         self.mode = mode
         if mode in (_PASS, _BODYLESS):
-            drop = b"content-length" if status == 204 else None  # RFC 9110 §8.6
             id_name = mw.id_header
-            kept = [pair for pair in headers if (name := pair[0].lower()) != id_name and name != drop]
+            if mode == _PASS or status == 304:
+                kept = [pair for pair in headers if pair[0].lower() != id_name]
+            else:
+                # RFC 9110 §8.6 and §15.3.6: no Content-Length on a 204, and a 205
+                # says "no content" with Content-Length: 0; the body is dropped below.
+                kept = [pair for pair in headers if pair[0].lower() not in (id_name, b"content-length")]
+                if status == 205:
+                    kept.append((b"content-length", b"0"))
             kept.append((id_name, self.request_id))
             return {**message, "headers": kept}
         self.start = message
@@ -346,22 +372,27 @@ class _Exchange:
 
     async def _on_other(self, message: Message) -> None:
         kind = message["type"]
-        held = self.start
-        if held is not None and kind in _SENDFILE_MESSAGES:
+        if kind in _SENDFILE_MESSAGES:
+            if self.complete:
+                raise RuntimeError(f"the app sent {kind} after the response was complete")
+            # pathsend always ends the body; zerocopysend may come in several parts.
+            last = kind == "http.response.pathsend" or not message.get("more_body", False)
+            held = self.start
             if self.mode == _ERROR:
                 # An error page sent as a file: its bytes are not read, the status decides.
-                await self._send_error_from_response(held)
+                if last and held is not None:
+                    await self._send_error_from_response(held)
                 return
-            # A JSON file sent by path cannot be wrapped without reading it: it passes.
-            self.mode = _PASS
-            id_name = self.mw.id_header
-            kept = [pair for pair in held.get("headers") or [] if pair[0].lower() != id_name]
-            kept.append((id_name, self.request_id))
-            await self._send_start({**held, "headers": kept})
+            if held is not None:
+                # A JSON file sent by path cannot be wrapped without reading it: it passes.
+                self.mode = _PASS
+                id_name = self.mw.id_header
+                kept = [pair for pair in held["headers"] if pair[0].lower() != id_name]
+                kept.append((id_name, self.request_id))
+                await self._send_start({**held, "headers": kept})
+            self.complete = last
         elif kind == "http.response.trailers" and self.mode == _ERROR:
             return  # the error envelope is sent without trailers
-        if kind in _SENDFILE_MESSAGES:
-            self.complete = True
         await self.send_downstream(message)
 
     # -- wrapping 2xx JSON ---------------------------------------------------
@@ -462,8 +493,16 @@ class _Exchange:
                 status=failure.status,
                 body_excerpt=body[:_LOGGED_BODY_LIMIT].decode("utf-8", "replace"),
             )
-        drop = self.mw.error_drop
-        await self._send_error(failure, [pair for pair in headers if pair[0].lower() not in drop])
+        if failure.status >= 500:
+            kept = [
+                pair
+                for pair in headers
+                if (name := pair[0].lower()) in SERVER_ERROR_HEADERS or name.startswith(b"access-control-")
+            ]
+        else:
+            drop = self.mw.error_drop
+            kept = [pair for pair in headers if pair[0].lower() not in drop]
+        await self._send_error(failure, kept)
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for an exception from the app; False when it is too late to answer."""
@@ -548,11 +587,18 @@ def _unwrap(exc: Exception) -> Exception:
     return exc
 
 
-def _encode_header(name: str, value: str) -> tuple[bytes, bytes] | None:
-    # Headers from exceptions are app data: refuse any that could split the response.
-    if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\x00"):
+def _encode_header(name: object, value: object) -> tuple[bytes, bytes] | None:
+    # Headers from exceptions are app data: numbers are written out, anything
+    # that is not a token name and a field value (RFC 9110 §5.5) is refused,
+    # since a server rejects it only after the response has started.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(name, str) or not isinstance(value, str) or not _TOKEN.fullmatch(name):
         return None
     try:
-        return name.lower().encode("ascii"), value.encode("latin-1")
+        encoded = value.encode("latin-1")
     except UnicodeEncodeError:
         return None
+    if _FIELD_VALUE_INVALID.search(encoded):
+        return None
+    return name.lower().encode("ascii"), encoded

@@ -46,6 +46,9 @@ class _HexIds:
     def __init__(self) -> None:
         self._ids: Iterator[str] = iter(())
 
+    def reset(self) -> None:
+        self._ids = iter(())
+
     def __call__(self) -> str:
         try:
             return next(self._ids)
@@ -57,6 +60,9 @@ class _HexIds:
 
 
 _hex_ids = _HexIds()
+# A forked child (gunicorn --preload, multiprocessing) must not reuse the
+# parent's undrawn ids: that would give two processes the same ids.
+os.register_at_fork(after_in_child=_hex_ids.reset)
 
 
 def hex_request_id() -> str:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
+from urllib.parse import quote
 
 import httpx2
 import orjson
@@ -400,3 +401,17 @@ def test_demo_cli_serves_the_gateway_over_real_http(extra: list[str]) -> None:
     access = [orjson.loads(line) for line in lines if '"event":"http_request"' in line]
     assert access
     assert access[0]["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("value", ["²", "①", "1.5", "-3"])
+def test_demo_non_ascii_or_non_integer_paging_is_request_invalid(gateway: Any, value: str) -> None:
+    client, _ = gateway
+    error_of(client.get("/orders", params={"page": value}, auth=FULL), 400, "request_invalid")
+
+
+@pytest.mark.parametrize("order_id", ["..", "x?size=100000", "ord 1", "a" * 65])
+def test_demo_order_ids_cannot_reshape_the_backend_url(gateway: Any, order_id: str) -> None:
+    client, recorders = gateway
+    response = client.get(f"/orders/{quote(order_id, safe='')}", auth=FULL)
+    error_of(response, 404, "resource_not_found")
+    assert recorders["orders"].seen == []

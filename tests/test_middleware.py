@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import re
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -25,7 +26,7 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -1082,3 +1083,129 @@ def test_envelope_content_type_cache_stays_bounded() -> None:
     for i in range(400):
         assert _http.is_json_media_type(b"application/x%d+json" % i)
     assert len(_http._json_media) <= 256
+
+
+# -- edges found in review ------------------------------------------------------------
+
+
+async def test_envelope_answers_502_for_json_nested_deeper_than_the_parser_allows() -> None:
+    sent = await call(envelope(scripted(start(200, [JSON]), body(b"[" * 5000 + b"]" * 5000))))
+    assert_error(sent, 502, "downstream_invalid_response")
+
+
+async def test_envelope_205_says_content_length_zero_and_sends_no_body() -> None:
+    sent = await call(envelope(JSONResponse(None, status_code=205)))
+    assert sent.status == 205
+    assert sent.header("content-length") == "0"
+    assert sent.body == b""
+
+
+async def test_envelope_304_keeps_its_content_length() -> None:
+    sent = await call(envelope(scripted(start(304, [(b"content-length", b"1234")]), body(b""))))
+    assert sent.header("content-length") == "1234"
+
+
+async def test_envelope_writes_numeric_exception_headers_and_drops_unusable_ones() -> None:
+    headers: dict[str, Any] = {"Retry-After": 30, "X-Ratio": 0.5, "X-Flag": True, "X-None": None}
+    sent = await call(envelope(raising(ApiError("slow_down", "m", status=429, headers=headers))))
+    assert_error(sent, 429, "slow_down")
+    assert (sent.header("retry-after"), sent.header("x-ratio")) == ("30", "0.5")
+    assert sent.header("x-flag") is None
+    assert sent.header("x-none") is None
+
+
+@pytest.mark.parametrize("value", ['Basic realm="a\x0bb"', "a\x7fb", "tab\tok"])
+async def test_envelope_refuses_control_characters_in_exception_headers(value: str) -> None:
+    sent = await call(
+        envelope(raising(ApiError("x_y", "m", status=401, headers={"WWW-Authenticate": value})))
+    )
+    assert sent.header("www-authenticate") == (value if value == "tab\tok" else None)
+
+
+def zerocopy(*, more: bool) -> Message:
+    return {"type": "http.response.zerocopysend", "file": 3, "count": 10, "more_body": more}
+
+
+async def test_envelope_error_from_zerocopysend_parts_answers_once_at_the_last_part() -> None:
+    app = scripted(start(500, [(b"content-type", b"text/plain")]), zerocopy(more=True), zerocopy(more=False))
+    sent = await call(envelope(app))
+    assert_error(sent, 500, "internal")
+    assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
+
+
+async def test_envelope_passes_zerocopysend_followed_by_body() -> None:
+    app = scripted(start(200, [(b"content-type", b"text/plain")]), zerocopy(more=True), body(b"tail"))
+    sent = await call(envelope(app))
+    assert [m["type"] for m in sent.messages][1:] == ["http.response.zerocopysend", "http.response.body"]
+    assert sent.complete
+
+
+async def test_envelope_refuses_a_file_after_the_response_is_complete() -> None:
+    app = scripted(start(200, [(b"content-type", b"text/plain")]), body(b"x"), zerocopy(more=False))
+    with pytest.raises(RuntimeError, match="after the response was complete"):
+        await call(envelope(app))
+
+
+async def test_envelope_wrapped_response_drops_transfer_encoding_and_accept_ranges() -> None:
+    headers = [JSON, (b"transfer-encoding", b"chunked"), (b"accept-ranges", b"bytes")]
+    sent = await call(envelope(scripted(start(200, headers), body(b'{"a":1}'))))
+    assert sent.header("transfer-encoding") is None
+    assert sent.header("accept-ranges") is None
+    assert sent.header("content-length") == str(len(sent.body))
+
+
+async def test_envelope_error_details_from_any_mapping_stay_an_object() -> None:
+    details = MappingProxyType({"field": "page"})
+    sent = await call(envelope(raising(ApiError("bad_page", "m", status=400, details=details))))
+    assert assert_error(sent, 400, "bad_page")["details"] == {"field": "page"}
+
+
+async def test_envelope_http_exception_detail_that_is_not_text_is_not_the_message() -> None:
+    sent = await call(envelope(raising(HTTPException(403, {"reason": "x"}))))  # type: ignore[arg-type]
+    assert assert_error(sent, 403, "auth_forbidden")["message"] == DEFAULT_CATALOGUE["auth_forbidden"].message
+
+
+def test_envelope_excluded_paths_are_relative_to_a_mount() -> None:
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    inner = Starlette(
+        routes=[Route("/health", health)],
+        middleware=[Middleware(EnvelopeMiddleware, exclude_paths=["/health"], access_log=False)],
+    )
+    outer = Starlette(routes=[Mount("/api", app=inner)])
+    with TestClient(outer) as client:
+        response = client.get("/api/health")
+    assert response.json() == {"status": "ok"}
+    assert response.headers["x-request-id"]
+
+
+async def test_envelope_reads_headers_given_as_a_one_shot_iterable() -> None:
+    pairs = [JSON, (b"cache-control", b"no-store"), (b"set-cookie", b"a=1")]
+    app = scripted({"type": "http.response.start", "status": 200, "headers": (p for p in pairs)}, body(b"{}"))
+    sent = await call(envelope(app))
+    assert sent.header("cache-control") == "no-store"
+    assert sent.header("set-cookie") == "a=1"
+    assert sent.json()["data"] == {}
+
+
+async def test_envelope_5xx_keeps_only_headers_that_reveal_nothing() -> None:
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"server", b"nginx/1.19 orders-7.internal"),
+        (b"x-backend-host", b"orders-7.internal"),
+        (b"retry-after", b"5"),
+        (b"access-control-allow-origin", b"*"),
+    ]
+    sent = await call(envelope(scripted(start(503, headers), body(b"down"))))
+    assert_error(sent, 503, "service_unavailable")
+    assert sent.header("server") is None
+    assert sent.header("x-backend-host") is None
+    assert sent.header("retry-after") == "5"
+    assert sent.header("access-control-allow-origin") == "*"
+
+
+@pytest.mark.parametrize("name", ["ETag", "content-length"])
+def test_envelope_rejects_a_body_header_as_the_id_header(name: str) -> None:
+    with pytest.raises(ValueError, match="body header"):
+        EnvelopeMiddleware(scripted(), request_id_header=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from envelope_middleware import (
     is_safe_request_id,
     prefixed_uuid_request_id,
 )
+from envelope_middleware import request_id as request_id_module
 from tests.conftest import HEX_ID, JSON, body, call, drive, scripted, start
 
 SAFE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -171,3 +173,35 @@ def test_hex_request_id_is_unique_across_threads_and_refills() -> None:
     ids = [i for batch in batches for i in batch]
     assert len(set(ids)) == len(ids) == 12_000
     assert all(re.fullmatch(HEX_ID, i) for i in ids)
+
+
+async def test_request_id_from_a_failing_generator_is_replaced(logs: Any) -> None:
+    def broken() -> str:
+        raise RuntimeError("id service down")
+
+    sent = await call(EnvelopeMiddleware(scripted(start(200, [JSON]), body(b"{}")), request_id_format=broken))
+    assert re.fullmatch(HEX_ID, sent.header("x-request-id") or "")
+    assert any(e["event"] == "request_id_generator_failed" for e in logs.entries)
+
+
+def test_hex_request_id_batch_is_not_shared_with_a_forked_child() -> None:
+    hex_request_id()  # the parent holds a partly drawn batch
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, hex_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert re.fullmatch(HEX_ID, child_id)
+    assert child_id != hex_request_id()
+
+
+def test_hex_request_id_reset_discards_the_undrawn_batch() -> None:
+    hex_request_id()
+    request_id_module._hex_ids.reset()
+    assert list(request_id_module._hex_ids._ids) == []
+    hex_request_id()  # a fresh batch of 256, one drawn
+    assert len(list(request_id_module._hex_ids._ids)) == 255

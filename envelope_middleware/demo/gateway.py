@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import hmac
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from envelope_middleware import (
     DownstreamTimeout,
     EnvelopeMiddleware,
     RequestInvalid,
+    ResourceNotFound,
     async_request_id_hook,
 )
 from envelope_middleware.request_id import RequestIdFormat
@@ -39,6 +41,7 @@ __all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
 _REALM = {"WWW-Authenticate": 'Basic realm="partner-api"'}
 _FORWARDED_HEADERS = ("content-type", "retry-after")
 MAX_PAGE_SIZE = 100
+_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def _positive_int(
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    # isascii: str.isdigit accepts "²" and "①", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         errors.append({"field": name, "message": f"must be an integer from 1 to {maximum}"})
         return None
     return int(raw)
@@ -167,7 +171,11 @@ def create_gateway(
 
     async def get_order(request: Request) -> Response:
         _authorize(request, by_key, orders.scope)
-        return await _forward(request, orders, f"/orders/{request.path_params['order_id']}")
+        order_id = request.path_params["order_id"]
+        # The id becomes part of the backend's URL: only an id's characters may.
+        if not _ORDER_ID.fullmatch(order_id):
+            raise ResourceNotFound(f"Order {order_id[:64]} not found")
+        return await _forward(request, orders, f"/orders/{order_id}")
 
     async def list_branches(request: Request) -> Response:
         _authorize(request, by_key, branches.scope)
