@@ -180,27 +180,34 @@ async def test_envelope_trusted_mode_adjusts_a_declared_content_length() -> None
     assert sent.json()["data"]["orders"] == [1, 2]
 
 
-async def test_envelope_large_body_is_sent_without_copying_it_into_the_prefix() -> None:
-    data = b"[" + b"1," * 100_000 + b"1]"
+async def test_envelope_very_large_body_is_sent_without_copying_it_into_the_prefix() -> None:
+    data = b"[" + b"1," * 1_100_000 + b"1]"
     app = envelope(scripted(start(200, [JSON]), body(data)))
     sent = await call(app)
     assert any(m["body"] is data for m in sent.body_messages)
-    assert sent.json()["data"] == [1] * 100_001
+    assert sent.json()["data"] == [1] * 1_100_001
     assert sent.header("content-length") == str(len(sent.body))
 
 
 async def test_envelope_trusted_mode_streams_a_large_first_chunk_without_copying_it() -> None:
-    first = b"[" + b"7," * 50_000
+    first = b"[" + b"7," * 1_100_000
     app = envelope(scripted(start(200, [JSON]), body(first, more=True), body(b"7]")), validate_json=False)
     sent = await call(app)
     assert any(m["body"] is first for m in sent.body_messages)
-    assert sent.json()["data"] == [7] * 50_001
+    assert sent.json()["data"] == [7] * 1_100_001
 
 
 async def test_envelope_wraps_identity_encoded_json() -> None:
     headers = [(b"content-encoding", b"identity"), JSON]
     sent = await call(envelope(scripted(start(200, headers), body(b"[1]"))))
     assert sent.json()["data"] == [1]
+
+
+async def test_envelope_body_up_to_two_mib_goes_out_in_one_message() -> None:
+    data = b"[" + b"1," * 500_000 + b"1]"
+    sent = await call(envelope(scripted(start(200, [JSON]), body(data))))
+    assert len(sent.body_messages) == 1
+    assert sent.header("content-length") == str(len(sent.body))
 
 
 async def test_envelope_replaces_content_length_case_insensitively() -> None:
