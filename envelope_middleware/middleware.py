@@ -251,7 +251,7 @@ class _Exchange:
     downstream_started = False
     complete = False
     bom_stripped = False
-    etag: tuple[bytes, bytes] | None = None  # a weak ETag that survives wrapping
+    wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
 
     def __init__(self, mw: EnvelopeMiddleware, scope: Scope, send: Send, request_id: str) -> None:
         self.mw = mw
@@ -330,19 +330,26 @@ class _Exchange:
         return None
 
     def _wrap_mode(self, headers: RawHeaders) -> int:
+        # One pass decides whether to wrap and keeps the headers a wrapped body
+        # can carry, so the start is not scanned twice (issue #2, per-request cost).
+        drop = self.mw.wrap_drop
+        kept: RawHeaders = []
         content_type: bytes | None = None
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-type":
-                content_type = value
-            elif lowered == b"content-encoding":
-                if value.lower() != b"identity":
-                    return _PASS
-            elif lowered == b"etag" and value.startswith(b"W/"):
-                # A weak validator still holds for the same data in an envelope (RFC 9110 §8.8.1).
-                self.etag = (name, value)
+        for pair in headers:
+            lowered = pair[0].lower()
+            if lowered in drop:
+                if lowered == b"content-type":
+                    content_type = pair[1]
+                elif lowered == b"etag" and pair[1].startswith(b"W/"):
+                    # A weak validator still holds for the same data in an envelope (RFC 9110 §8.8.1).
+                    kept.append(pair)
+            elif lowered == b"content-encoding" and pair[1].lower() != b"identity":
+                return _PASS
+            else:
+                kept.append(pair)
         if content_type is None or not is_json_media_type(content_type):
             return _PASS
+        self.wrapped_headers = kept
         return _WRAP_BUFFER if self.mw.validate_json else _WRAP_STREAM
 
     async def _on_body(self, message: Message) -> None:
@@ -462,13 +469,7 @@ class _Exchange:
         return int(declared) + overhead - (3 if self.bom_stripped else 0)
 
     def _wrapped_start(self, held: Message, content_length: int | None) -> Message:
-        drop = self.mw.wrap_drop
-        headers = []
-        for pair in held.get("headers") or ():
-            if pair[0].lower() not in drop:
-                headers.append(pair)  # noqa: PERF401 - a plain loop is cheaper than a comprehension in 3.11
-        if self.etag is not None:
-            headers.append(self.etag)
+        headers = self.wrapped_headers
         headers.append((b"content-type", b"application/json"))
         if content_length is not None:
             headers.append((b"content-length", str(content_length).encode()))
