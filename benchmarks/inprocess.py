@@ -81,38 +81,15 @@ class EmptyLayer:
         await self.app(scope, receive, send)
 
 
-class BufferedOrjsonEnvelope:
-    """The common hand-written envelope: hold the body, orjson.loads, orjson.dumps."""
+class _BufferedEnvelope:
+    """Hold the start and the body, then send the body `wrap` returns: how envelopes are often written."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = hex_request_id()
-        held: Message = {}
-        chunks: list[bytes] = []
-
-        async def wrapped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                held.update(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = orjson.dumps({"request_id": request_id, "data": orjson.loads(b"".join(chunks))})
-            headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
-            headers += [(b"content-length", b"%d" % len(body)), (b"x-request-id", request_id.encode())]
-            await send({**held, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, wrapped)
-
-
-class BufferedSplice:
-    """Hold the body and splice bytes around it, with no JSON check."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    @staticmethod
+    def wrap(request_id: bytes, body: bytes) -> bytes:
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = hex_request_id().encode()
@@ -126,13 +103,29 @@ class BufferedSplice:
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            body = b'{"request_id":"' + request_id + b'","data":' + b"".join(chunks) + b"}"
+            body = self.wrap(request_id, b"".join(chunks))
             headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
             headers += [(b"content-length", b"%d" % len(body)), (b"x-request-id", request_id)]
             await send({**held, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, wrapped)
+
+
+class BufferedOrjsonEnvelope(_BufferedEnvelope):
+    """The common hand-written envelope: orjson.loads the body, orjson.dumps the envelope."""
+
+    @staticmethod
+    def wrap(request_id: bytes, body: bytes) -> bytes:
+        return orjson.dumps({"request_id": request_id.decode(), "data": orjson.loads(body)})
+
+
+class BufferedSplice(_BufferedEnvelope):
+    """Splice bytes around the body, with no JSON check."""
+
+    @staticmethod
+    def wrap(request_id: bytes, body: bytes) -> bytes:
+        return b'{"request_id":"' + request_id + b'","data":' + body + b"}"
 
 
 class NaiveBaseHTTPEnvelope(BaseHTTPMiddleware):

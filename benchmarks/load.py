@@ -290,8 +290,8 @@ def chart(runs: list[Run], path: Path) -> None:
         axis.set_title(title)
         axis.grid(axis="y", alpha=0.3)
     axes[0].axhline(1.0, color="black", linewidth=0.8)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
 
 
@@ -307,7 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--stacks", nargs="+", choices=STACKS, default=STACKS)
     parser.add_argument("--output", default=str(RESULTS / "load"), help="path prefix for .md, .json, .png")
+    parser.add_argument("--replot", action="store_true", help="redraw the chart from the .json of a run")
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if args.replot:
+        chart(
+            [Run(**row) for row in json.loads(output.with_suffix(".json").read_text())],
+            output.with_suffix(".png"),
+        )
+        return 0
     if shutil.which("wrk") is None:
         print(
             "wrk is not installed: on Debian or Ubuntu, `apt-get install wrk`",
@@ -319,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     runs = measure(args)
     text = table(runs, args)
     print(text)
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".md").write_text(text + "\n")
     output.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
