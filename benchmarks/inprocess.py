@@ -7,7 +7,7 @@ cost is reported as the median over rounds of (stack - bare) measured in the
 same round: this machine's speed drifts within seconds, and pairing cancels
 the drift that a plain median would keep.
 
-    python benchmarks/inprocess.py                 # all sizes, ~1 minute
+    python benchmarks/inprocess.py                 # all sizes, ~2 minutes
     python benchmarks/inprocess.py --quick         # fewer rounds, for a look
     python benchmarks/inprocess.py --markdown out.md
 """

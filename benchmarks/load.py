@@ -5,7 +5,7 @@ per repetition, and each gets the same fixed-time wrk run. Reported per stack
 and size: requests/s, p50 and p99 latency (medians over repetitions), peak RSS
 of the server, and the ratio of requests/s to the bare app's.
 
-    python benchmarks/load.py                        # all stacks and sizes, ~8 minutes
+    python benchmarks/load.py                        # all stacks and sizes, ~10 minutes
     python benchmarks/load.py --duration 3 --repeats 1 --sizes 200B   # a quick look
     python benchmarks/load.py --workers 2
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=int, default=8, help="seconds of wrk per run")
+    parser.add_argument("--duration", type=int, default=6, help="seconds of wrk per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)

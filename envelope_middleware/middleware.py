@@ -42,8 +42,8 @@ SCOPE_KEY = "envelope_middleware.request_id"
 # Up to this size, prefix, body and suffix are joined into one message. The copy
 # costs ~40 us at 1 MB in process, but each extra message is an extra write on
 # the socket: under uvicorn and wrk, three writes for a 100 KB body served 0.61
-# of the bare app's requests/s and one write 0.99 (benchmarks/README.md). Above
-# it, the body goes out as it is and the temporary copy is avoided.
+# of the bare app's requests/s and one write 0.99 (benchmarks/results/join_ab.md).
+# Above it, the body goes out as it is and the temporary copy is avoided.
 _JOIN_LIMIT = 2 * 1024 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
 _FIELD_VALUE_INVALID = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # RFC 9110 §5.5: no CTLs but HTAB
@@ -303,7 +303,11 @@ class _Exchange:
             message = {**message, "headers": headers}
         scope = self.scope
         mw = self.mw
-        if scope["method"] == "HEAD" or (mw.excluded_paths and mw.is_excluded(scope)):
+        if mw.excluded_paths and mw.is_excluded(scope):
+            mode = _PASS
+        elif scope["method"] == "HEAD" and status < 400:
+            # A HEAD success has no body to wrap; its headers pass as they are.
+            # A HEAD error gets the error envelope's headers, like its GET would.
             mode = _PASS
         elif status in (204, 205, 304):
             mode = _BODYLESS
@@ -373,9 +377,10 @@ class _Exchange:
         elif mode == _WRAP_STREAM:
             await self._open_wrapped_stream(held, body, more=more)
         else:  # _ERROR
-            if self.body_size < ERROR_BODY_LIMIT:
-                self.chunks.append(body)
-                self.body_size += len(body)
+            room = ERROR_BODY_LIMIT - self.body_size
+            if room > 0:
+                self.chunks.append(body[:room] if len(body) > room else body)
+            self.body_size += len(body)
             if not more:
                 await self._send_error_from_response(held)
 
@@ -480,21 +485,24 @@ class _Exchange:
 
     async def _send_error_from_response(self, held: Message) -> None:
         headers: RawHeaders = held.get("headers") or []
-        body = b"".join(self.chunks) if self.body_size <= ERROR_BODY_LIMIT else b""
+        kept_body = b"".join(self.chunks)
         self.chunks = []
+        # A body cut at the limit is not parsed: half a document describes nothing.
+        body = kept_body if self.body_size <= ERROR_BODY_LIMIT else b""
         failure = self.mw.errors.from_response(
             held["status"],
             header_value(headers, b"content-type"),
             body,
             has_credentials=self._has_credentials(),
         )
-        if failure.status >= 500 and body:
+        if failure.status >= 500 and kept_body:
             # What the client will not see is kept for whoever reads the log.
             self.mw.logger.warning(
                 "error_body_replaced",
                 request_id=self.request_id_str,
                 status=failure.status,
-                body_excerpt=body[:_LOGGED_BODY_LIMIT].decode("utf-8", "replace"),
+                body_bytes=self.body_size,
+                body_excerpt=kept_body[:_LOGGED_BODY_LIMIT].decode("utf-8", "replace"),
             )
         if failure.status >= 500:
             kept = [

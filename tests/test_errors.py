@@ -191,3 +191,15 @@ async def test_errors_a_401_status_default_set_by_the_gateway_wins() -> None:
     mw = EnvelopeMiddleware(scripted(start(401), body(b"")), catalogue=catalogue, access_log=False)
     sent = await call(mw, headers=[("authorization", "Bearer x")])
     assert sent.json()["error"]["code"] == "auth_expired"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "code"), [(None, "auth_missing"), ("Basic eDp5", "auth_invalid_credential")]
+)
+async def test_errors_a_credential_code_as_401_default_still_follows_the_request(
+    authorization: str | None, code: str
+) -> None:
+    catalogue = DEFAULT_CATALOGUE.extend(status_defaults={401: "auth_invalid_credential"})
+    mw = EnvelopeMiddleware(scripted(start(401), body(b"")), catalogue=catalogue, access_log=False)
+    sent = await call(mw, headers=[("authorization", authorization)] if authorization else [])
+    assert sent.json()["error"]["code"] == code

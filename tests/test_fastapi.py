@@ -90,11 +90,9 @@ def test_fastapi_http_exception_keeps_message_and_headers() -> None:
 def test_fastapi_excluded_docs_paths_serve_the_raw_openapi_spec() -> None:
     with TestClient(make_app()) as client:
         spec = client.get("/openapi.json")
-        docs = client.get("/docs")
     assert spec.status_code == 200
     assert "/orders" in spec.json()["paths"]  # not wrapped in data
-    assert "swagger" in docs.text.lower()
-    assert spec.headers["x-request-id"] != docs.headers["x-request-id"]
+    assert len(spec.headers["x-request-id"]) == 32
 
 
 def test_fastapi_without_the_handlers_still_gives_a_contract_error() -> None:

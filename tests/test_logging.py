@@ -222,6 +222,16 @@ async def test_logging_keeps_a_replaced_5xx_body_in_the_log_only(logs: LogCaptur
     assert "orders-db-2.internal" in event["body_excerpt"]
 
 
+async def test_logging_keeps_the_start_of_an_oversized_5xx_body(logs: LogCapture) -> None:
+    data = b"Traceback: db-9.internal " + b"x" * 100_000
+    app = scripted(start(500, [(b"content-type", b"text/plain")]), body(data))
+    await call(EnvelopeMiddleware(app))
+    [event] = [e for e in logs.entries if e["event"] == "error_body_replaced"]
+    assert event["body_bytes"] == len(data)
+    assert event["body_excerpt"].startswith("Traceback: db-9.internal")
+    assert len(event["body_excerpt"]) == 2048
+
+
 async def test_logging_deliberate_api_errors_add_no_traceback(logs: LogCapture) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         raise ResourceNotFound

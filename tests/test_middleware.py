@@ -578,7 +578,7 @@ async def test_envelope_uses_short_plain_text_of_a_4xx_as_message() -> None:
     assert assert_error(sent, 400, "request_invalid")["message"] == "size must be <= 100"
 
 
-async def test_envelope_ignores_html_and_oversized_error_bodies() -> None:
+async def test_envelope_ignores_html_error_bodies() -> None:
     html = await call(
         envelope(scripted(start(404, [(b"content-type", b"text/html")]), body(b"<h1>Not here</h1>")))
     )
@@ -586,13 +586,21 @@ async def test_envelope_ignores_html_and_oversized_error_bodies() -> None:
         assert_error(html, 404, "resource_not_found")["message"]
         == DEFAULT_CATALOGUE["resource_not_found"].message
     )
-    huge = orjson.dumps({"detail": "x" * 70_000})
-    chunks = [body(huge[i : i + 10_000], more=True) for i in range(0, len(huge), 10_000)]
-    big = await call(envelope(scripted(start(404, [JSON]), *chunks, body(b""))))
-    assert (
-        assert_error(big, 404, "resource_not_found")["message"]
-        == DEFAULT_CATALOGUE["resource_not_found"].message
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_envelope_does_not_parse_an_error_body_past_64_kib(chunked: bool) -> None:
+    document = {"error": {"code": "resource_not_found", "message": "Order 9 not found"}, "pad": "x" * 70_000}
+    data = orjson.dumps(document)
+    parts = [body(data[i : i + 10_000], more=True) for i in range(0, len(data), 10_000)] if chunked else []
+    app = scripted(start(404, [JSON]), *parts, body(b"" if chunked else data))
+    error = assert_error(await call(envelope(app)), 404, "resource_not_found")
+    assert error["message"] == DEFAULT_CATALOGUE["resource_not_found"].message
+    small = orjson.dumps({**document, "pad": "x"})
+    kept = assert_error(
+        await call(envelope(scripted(start(404, [JSON]), body(small)))), 404, "resource_not_found"
     )
+    assert kept["message"] == "Order 9 not found"
 
 
 async def test_envelope_error_keeps_headers_that_matter_and_drops_body_headers() -> None:
@@ -632,6 +640,20 @@ async def test_envelope_error_drops_app_trailers() -> None:
     assert_error(sent, 400, "request_invalid")
     assert "trailers" not in sent.start
     assert sent.messages[-1]["type"] == "http.response.body"
+
+
+async def test_envelope_head_error_gets_the_error_headers_without_a_body() -> None:
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"23"),
+        (b"server", b"orders-7.internal"),
+    ]
+    sent = await call(envelope(scripted(start(500, headers), body(b"Traceback: orders-7.internal"))), "HEAD")
+    assert sent.status == 500
+    assert sent.body == b""
+    assert sent.header("server") is None
+    assert sent.header("content-type") == "application/json"
+    assert int(sent.header("content-length") or 0) > 23  # the length of the envelope a GET gets
 
 
 async def test_envelope_head_error_sends_headers_only() -> None:

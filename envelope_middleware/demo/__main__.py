@@ -134,6 +134,7 @@ def app_from_environment() -> ASGIApp:
     options.timeout = float(os.environ.get(_ENV + "_TIMEOUT", "1.0"))
     options.trusted = os.environ.get(_ENV + "_TRUSTED") == "1"
     options.access_log = os.environ.get(_ENV + "_ACCESS_LOG", "1") == "1"
+    options.request_id_format = os.environ.get(_ENV + "_REQUEST_ID_FORMAT", "hex")
     return build(options)
 
 
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[_ENV + "_TIMEOUT"] = str(options.timeout)
         os.environ[_ENV + "_TRUSTED"] = "1" if options.trusted else "0"
         os.environ[_ENV + "_ACCESS_LOG"] = "1" if options.access_log else "0"
+        os.environ[_ENV + "_REQUEST_ID_FORMAT"] = options.request_id_format
         print(banner(options), flush=True)  # noqa: T201 - the demo's start-up message
         uvicorn.run(
             "envelope_middleware.demo.__main__:app_from_environment",
