@@ -1238,3 +1238,21 @@ async def test_envelope_5xx_keeps_only_headers_that_reveal_nothing() -> None:
 def test_envelope_rejects_a_body_header_as_the_id_header(name: str) -> None:
     with pytest.raises(ValueError, match="body header"):
         EnvelopeMiddleware(scripted(), request_id_header=name)
+
+
+async def test_envelope_drops_exception_headers_that_are_not_latin1() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ApiError("x_y", "m", status=400, headers={"X-Euro": "€", "X-Fine": "ok"})
+
+    sent = await call(EnvelopeMiddleware(app, access_log=False))
+    assert sent.header("x-euro") is None
+    assert sent.header("x-fine") == "ok"
+
+
+async def test_envelope_creates_scope_state_when_the_server_gave_none() -> None:
+    scope = make_scope()
+    del scope["state"]
+    sent = await call(
+        EnvelopeMiddleware(scripted(start(200, [JSON]), body(b"{}")), access_log=False), scope=scope
+    )
+    assert scope["state"] == {"request_id": sent.header("x-request-id")}

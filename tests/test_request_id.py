@@ -205,3 +205,11 @@ def test_hex_request_id_reset_discards_the_undrawn_batch() -> None:
     assert list(request_id_module._hex_ids._ids) == []
     hex_request_id()  # a fresh batch of 256, one drawn
     assert len(list(request_id_module._hex_ids._ids)) == 255
+
+
+async def test_request_id_trusted_mode_without_an_incoming_id_generates_one() -> None:
+    mw = EnvelopeMiddleware(
+        scripted(start(200, [JSON]), body(b"{}")), access_log=False, trust_request_id=True
+    )
+    sent = await call(mw)
+    assert len(sent.header("x-request-id") or "") == 32
