@@ -9,6 +9,7 @@ import re
 from types import MappingProxyType
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -333,6 +334,31 @@ async def test_envelope_replaces_an_app_request_id_header_with_exactly_one() -> 
     values = sent.header_values("x-request-id")
     assert len(values) == 1
     assert values[0] != "from-app"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "validate_json"),
+    [(b"application/json", True), (b"application/json", False), (b"text/plain", True)],
+)
+@pytest.mark.parametrize("chunks", [[b'{"a": 1}'], [b'{"a": ', b"1}"]])
+async def test_envelope_send_returns_coroutines_that_task_starters_accept(
+    content_type: bytes, validate_json: bool, chunks: list[bytes]
+) -> None:
+    # anyio's start_soon and asyncio.create_task take coroutines only; the
+    # middleware's `send` is a plain function, so what it returns is checked.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(send, start(200, [(b"content-type", content_type)]))  # type: ignore[arg-type]
+        for index, chunk in enumerate(chunks, 1):
+            # Typed as Awaitable by ASGI; a coroutine when the server's `send` returns one.
+            await asyncio.create_task(send(body(chunk, more=index < len(chunks))))  # type: ignore[arg-type]
+
+    sent = await call(envelope(app, validate_json=validate_json))
+    assert sent.status == 200
+    if content_type == b"text/plain":
+        assert sent.body == b'{"a": 1}'
+    else:
+        assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"a": 1}}
 
 
 async def test_envelope_passes_pathsend_of_a_json_file_unwrapped() -> None:

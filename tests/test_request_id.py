@@ -199,12 +199,11 @@ def test_hex_request_id_batch_is_not_shared_with_a_forked_child() -> None:
     assert child_id != hex_request_id()
 
 
-def test_hex_request_id_reset_discards_the_undrawn_batch() -> None:
-    hex_request_id()
-    request_id_module._hex_ids.reset()
-    assert list(request_id_module._hex_ids._ids) == []
-    hex_request_id()  # a fresh batch of 256, one drawn
-    assert len(list(request_id_module._hex_ids._ids)) == 255
+def test_hex_request_id_draws_from_the_os_in_batches_of_256() -> None:
+    request_id_module._hex_pool.clear()  # what the fork hook does in a child
+    first = hex_request_id()
+    assert len(request_id_module._hex_pool) == 255
+    assert first not in request_id_module._hex_pool
 
 
 async def test_request_id_trusted_mode_without_an_incoming_id_generates_one() -> None:
