@@ -12,6 +12,11 @@ import orjson
 from starlette.exceptions import HTTPException
 
 from envelope_middleware._http import is_json_media_type
+from envelope_middleware._validation import (
+    VALIDATION_MESSAGE,
+    is_validation_error_list,
+    validation_error_details,
+)
 from envelope_middleware.catalogue import Catalogue, ErrorSpec, is_valid_code
 from envelope_middleware.exceptions import ApiError
 
@@ -19,14 +24,19 @@ from envelope_middleware.exceptions import ApiError
 # import httpx or httpx2, and a name matches whichever of them the app uses.
 # Both set `__module__` of their public classes to the package name.
 DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
-    f"{package}.{name}": code
-    for package in ("httpx", "httpx2")
-    for name, code in (
-        ("HTTPError", "downstream_unavailable"),
-        ("TransportError", "downstream_unavailable"),
-        ("TimeoutException", "downstream_timeout"),
-        ("DecodingError", "downstream_invalid_response"),
-    )
+    **{
+        f"{package}.{name}": code
+        for package in ("httpx", "httpx2")
+        for name, code in (
+            ("HTTPError", "downstream_unavailable"),
+            ("TransportError", "downstream_unavailable"),
+            ("TimeoutException", "downstream_timeout"),
+            ("DecodingError", "downstream_invalid_response"),
+        )
+    },
+    # The client went away mid-body: its request is incomplete, not the server
+    # broken (a 500 would count a disconnect as a server error in metrics).
+    "starlette.requests.ClientDisconnect": "request_invalid",
 }
 
 # A service's error body is read to find its code and message; anything past
@@ -38,7 +48,7 @@ _MAPPED_CACHE_SIZE = 1024
 # Answers the middleware itself gives: unhandled exceptions, invalid 2xx JSON.
 _REQUIRED_CODES = frozenset({"internal", "request_invalid", "downstream_invalid_response"})
 _CREDENTIAL_CODES = frozenset({"auth_missing", "auth_invalid_credential"})
-_PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "code"})
+_PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "instance", "code"})  # RFC 9457 §3.1
 
 
 @dataclass(slots=True)
@@ -140,10 +150,15 @@ class ErrorPolicy:
             code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
             detail = _clean_message(exc.detail) if exc.status_code < 500 else None
             message = detail or self._default_message(code)
-            return Failure(exc.status_code, code, message, {}, exc.headers or {})
+            headers = exc.headers if isinstance(exc.headers, Mapping) else {}
+            return Failure(exc.status_code, code, message, {}, headers)
         spec = self._lookup(type(exc))
         if spec is None:
             return Failure(500, "internal", self._default_message("internal"), log="error")
+        if spec.code == "downstream_unavailable" and _answered_4xx(exc):
+            # raise_for_status() on a service's 4xx: the service is up and a retry
+            # gets the same answer, so not the retryable downstream_unavailable.
+            spec = self._catalogue["downstream_invalid_response"]
         return Failure(spec.status, spec.code, spec.message, log="warning")
 
     def _lookup(self, exc_type: type[BaseException]) -> ErrorSpec | None:
@@ -198,6 +213,12 @@ class ErrorPolicy:
         return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
 
 
+def _answered_4xx(exc: Exception) -> bool:
+    # httpx's HTTPStatusError carries the response it was raised for.
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return isinstance(status, int) and 400 <= status <= 499
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
@@ -244,10 +265,11 @@ def _read_error_object(document: dict[str, Any]) -> tuple[str | None, str | None
         message = document.get("error_description", document.get("message"))
         return _as_code(error), _clean_message(message), None
     if "code" in document and ("message" in document or "detail" not in document):
-        # A flat object with a top-level code and message.
+        # A flat object with a top-level code and message (a problem document
+        # with a code extension and only a title reads the same way).
         return (
             _as_code(document.get("code")),
-            _clean_message(document.get("message")),
+            _clean_message(document.get("message")) or _clean_message(document.get("title")),
             _as_details(document.get("details")),
         )
     if "title" in document or "type" in document:
@@ -260,6 +282,10 @@ def _read_error_object(document: dict[str, Any]) -> tuple[str | None, str | None
         detail = document["detail"]
         if isinstance(detail, str):
             return None, _clean_message(detail), None
+        if is_validation_error_list(detail):
+            # A FastAPI service's 422: a validation error, whatever the status's
+            # default code; the fields without the input they rejected.
+            return "request_invalid", VALIDATION_MESSAGE, validation_error_details(detail)
         return None, None, _as_details(detail)
     return None, None, None
 

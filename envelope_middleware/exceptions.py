@@ -31,7 +31,7 @@ envelope middleware could see the code and details.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, ClassVar
@@ -73,18 +73,26 @@ class ApiError(Exception):
         *,
         status: int,
         details: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
         if not is_valid_code(code):
             raise ValueError(f"error code must be lower_snake_case, at most 64 chars: {code!r}")
         if not isinstance(status, int) or not 400 <= status <= 599:
             raise ValueError(f"an ApiError's status must be 4xx or 5xx, not {status!r}")
+        # Checked here, where the mistake is made, not when the response is built.
+        if not isinstance(message, str):
+            raise TypeError(f"an ApiError's message is a str, not {type(message).__name__}")
+        if details is not None and not isinstance(details, Mapping):
+            raise TypeError(
+                f"an ApiError's details are a mapping (a JSON object), not {type(details).__name__}"
+            )
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
         self.details: Mapping[str, Any] = details if details is not None else {}
-        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        # A list of (name, value) pairs is read as the mapping it spells.
+        self.headers: Mapping[str, str] = dict(headers) if headers is not None else {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, status={self.status})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Awaitable, Iterable, Mapping
@@ -87,8 +88,9 @@ class EnvelopeMiddleware:
         validate_json: check that a 2xx JSON body is JSON before wrapping it
             (the default); an invalid one becomes 502 `downstream_invalid_response`.
             With False, bodies stream through without being held.
-        exclude_paths: paths (and the paths below them) whose responses keep
-            their bodies; they still get the id header and the access log.
+        exclude_paths: paths whose responses keep their bodies; they still get
+            the id header and the access log. "/health" is that path alone,
+            "/docs/" is /docs and every path below it.
         catalogue: the error codes; `DEFAULT_CATALOGUE.extend(...)` adds a gateway's own.
         allowed_codes: codes outside the catalogue that a service's error body may keep.
         exception_codes: exception type (or "module.QualName") -> catalogue code, for
@@ -128,12 +130,20 @@ class EnvelopeMiddleware:
         self.error_drop = BODY_HEADERS | {self.id_header}
         self.trust_request_id = trust_request_id
         self.validate_json = validate_json
-        paths = [path.rstrip("/") or "/" for path in exclude_paths]
-        for path in paths:
+        exact: set[str] = set()
+        subtrees: list[str] = []
+        for path in exclude_paths:
             if not path.startswith("/"):
                 raise ValueError(f"excluded paths start with '/': {path!r}")
-        self.excluded_paths = frozenset(paths)
-        self.excluded_prefixes = tuple(path + "/" for path in paths if path != "/")
+            # As in Go's ServeMux: "/docs/" names a subtree, /docs included, and
+            # "/health" one path, so /health/deep stays in the contract. "/" is
+            # the root alone: a subtree of everything would exclude the app.
+            base = path.rstrip("/")
+            if base and path.endswith("/"):
+                subtrees.append(base + "/")
+            exact.add(base or "/")
+        self.excluded_paths = frozenset(exact)
+        self.excluded_prefixes = tuple(subtrees)
         self.errors = ErrorPolicy(
             catalogue, allowed_codes=allowed_codes, exception_codes=exception_codes or {}
         )
@@ -143,6 +153,12 @@ class EnvelopeMiddleware:
         self.context_fallback = bind_contextvars and self.context_vars is None
         # The common case needs no check of the generated id and no look at the request.
         self.plain_id = not trust_request_id and not self.check_generated
+        if isinstance(logger, logging.Logger):
+            # Its methods take no event fields: every call would raise, mid-request.
+            raise TypeError(
+                "logger takes a structlog logger; to write to stdlib logging, configure "
+                "structlog with structlog.stdlib.LoggerFactory() (see the README's logging recipe)"
+            )
         self.logger = logger if logger is not None else structlog.get_logger("envelope_middleware")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -158,6 +174,10 @@ class EnvelopeMiddleware:
         state["request_id"] = request_id
 
         exchange = _Exchange(self, scope, send, request_id)
+        if self.excluded_paths and self.is_excluded(scope):
+            # Decided now: a router further in (Starlette's Mount) rewrites
+            # scope["root_path"] before the app responds.
+            exchange.excluded = True
         id_token = _request_id.set(request_id)
         context_vars = self.context_vars
         if context_vars is not None:
@@ -260,6 +280,7 @@ class _Exchange:
     downstream_started = False
     complete = False
     bom_stripped = False
+    excluded = False
     wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
 
     def __init__(self, mw: EnvelopeMiddleware, scope: Scope, send: Send, request_id: str) -> None:
@@ -306,17 +327,27 @@ class _Exchange:
         """Decide what to do with the response; the start to send now, if any."""
         if self.mode != _NOT_STARTED:
             raise RuntimeError("the app sent http.response.start twice")
-        status: int = message["status"]
         headers: RawHeaders = message.get("headers") or []
         if type(headers) is not list:
             # ASGI allows any iterable; it is read more than once here.
-            headers = [(bytes(name), bytes(value)) for name, value in headers]
+            headers = _as_bytes(headers)
             message = {**message, "headers": headers}
-        scope = self.scope
-        mw = self.mw
-        if mw.excluded_paths and mw.is_excluded(scope):
+        try:
+            return self._decide(message, headers)
+        except (TypeError, AttributeError):
+            # bytearray or memoryview names and values, which servers accept,
+            # cannot be hashed or lowered as the scan needs: as bytes, once more.
+            headers = _as_bytes(headers)
+            return self._decide({**message, "headers": headers}, headers)
+
+    def _decide(self, message: Message, headers: RawHeaders) -> Message | None:
+        status: int = message["status"]
+        if not 200 <= status <= 599:
+            # A final response's status (RFC 9110 §15); the app's bug answers 500.
+            raise RuntimeError(f"the app sent an invalid status: {status!r}")
+        if self.excluded:
             mode = _PASS
-        elif scope["method"] == "HEAD" and status < 400:
+        elif self.scope["method"] == "HEAD" and status < 400:
             # A HEAD success has no body to wrap; its headers pass as they are.
             # A HEAD error gets the error envelope's headers, like its GET would.
             mode = _PASS
@@ -324,13 +355,13 @@ class _Exchange:
             mode = _BODYLESS
         elif status >= 400:
             mode = _ERROR
-        elif not 200 <= status < 300 or status == 206 or message.get("trailers", False):
+        elif status >= 300 or status == 206 or message.get("trailers", False):
             mode = _PASS
         else:
             mode = self._wrap_mode(headers)
         self.mode = mode
         if mode in (_PASS, _BODYLESS):
-            id_name = mw.id_header
+            id_name = self.mw.id_header
             if mode == _PASS or status == 304:
                 kept = [pair for pair in headers if pair[0].lower() != id_name]
             else:
@@ -353,8 +384,8 @@ class _Exchange:
         for pair in headers:
             lowered = pair[0].lower()
             if lowered in drop:
-                if lowered == b"content-type":
-                    content_type = pair[1]
+                if lowered == b"content-type" and content_type is None:
+                    content_type = pair[1]  # the first, as the error path reads it
                 elif lowered == b"etag" and pair[1].startswith(b"W/"):
                     # A weak validator still holds for the same data in an envelope (RFC 9110 §8.8.1).
                     kept.append(pair)
@@ -424,6 +455,8 @@ class _Exchange:
 
     async def _send_wrapped(self, held: Message, body: bytes) -> None:
         """Validating mode: the whole body is here; check it, then send it wrapped."""
+        if type(body) is not bytes:
+            body = bytes(body)  # a bytearray or memoryview, which servers accept
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]
@@ -459,6 +492,8 @@ class _Exchange:
             await send({"type": "http.response.body", "body": b"}"})
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
+        if type(body) is not bytes:
+            body = bytes(body)
         if body.startswith(BOM):
             body = body[3:]
             self.bom_stripped = True
@@ -495,7 +530,7 @@ class _Exchange:
     # -- errors --------------------------------------------------------------
 
     async def _send_error_from_response(self, held: Message) -> None:
-        headers: RawHeaders = held.get("headers") or []
+        headers = _as_bytes(held.get("headers") or [])
         kept_body = b"".join(self.chunks)
         self.chunks = []
         # A body cut at the limit is not parsed: half a document describes nothing.
@@ -564,7 +599,8 @@ class _Exchange:
     async def _send_error(self, failure: Failure, headers: RawHeaders) -> None:
         body = self.mw.errors.render(self.request_id, failure)
         drop = self.mw.error_drop
-        for name, value in failure.headers.items():
+        extra = failure.headers
+        for name, value in extra.items() if isinstance(extra, Mapping) else ():
             encoded = _encode_header(name, value)
             if encoded is not None and encoded[0] not in drop:
                 headers.append(encoded)
@@ -600,6 +636,12 @@ class _Exchange:
 
     def _has_credentials(self) -> bool:
         return header_value(self.scope["headers"], b"authorization") is not None
+
+
+def _as_bytes(headers: Iterable[tuple[Any, Any]]) -> RawHeaders:
+    # bytes-like names and values as bytes; anything else (str, int) is the app's
+    # bug and raises here rather than becoming zero bytes.
+    return [(bytes(memoryview(name)), bytes(memoryview(value))) for name, value in headers]
 
 
 def _unwrap(exc: Exception) -> Exception:

@@ -30,6 +30,7 @@ from tests._server import serve
 FULL = (CREDENTIALS[0].partner_key, CREDENTIALS[0].secret)
 READ_ONLY = (CREDENTIALS[1].partner_key, CREDENTIALS[1].secret)
 HEX = re.compile(r"[0-9a-f]{32}")
+JSON_TYPE = (b"content-type", b"application/json")
 
 
 class Recorder:
@@ -160,6 +161,25 @@ def test_demo_health_is_excluded_from_the_envelope(gateway: Any) -> None:
     response = client.get("/health")
     assert response.json() == {"status": "ok"}
     assert HEX.fullmatch(response.headers["x-request-id"])
+
+
+@pytest.mark.parametrize("path", ["/health/deep", "/orders/", "/brands/"])
+def test_demo_unknown_paths_near_known_ones_are_enveloped_404s(gateway: Any, path: str) -> None:
+    client, _ = gateway
+    # No redirect to a Location built from the client's Host header.
+    response = client.get(path, auth=FULL, headers={"host": "evil.example"})
+    error_of(response, 404, "resource_not_found")
+    assert "location" not in response.headers
+
+
+def test_demo_head_is_answered_from_the_backend_document_a_get_reads(gateway: Any) -> None:
+    client, _ = gateway
+    head = client.head("/orders", params={"size": 2}, auth=FULL)
+    get = client.get("/orders", params={"size": 2}, auth=FULL)
+    assert head.status_code == 200
+    assert head.content == b""
+    # HEAD keeps the app's headers (README): the length of the service's document.
+    assert int(head.headers["content-length"]) == len(orjson.dumps(get.json()["data"]))
 
 
 # -- gateway-side errors --------------------------------------------------------
@@ -327,14 +347,25 @@ def test_demo_default_gateway_embeds_the_demo_backends() -> None:
 
 
 def test_demo_cli_parses_backends_and_rejects_bad_combinations(capsys: pytest.CaptureFixture[str]) -> None:
-    options = parse_args(["--backend", "orders=http://127.0.0.1:9001", "--port", "8100", "--trusted"])
+    options = parse_args(
+        ["--backend", "orders=http://127.0.0.1:9001", "--port", "8100", "--trusted", "--timeout", "0.5"]
+    )
     assert options.backends == {"orders": "http://127.0.0.1:9001"}
-    assert (options.port, options.trusted) == (8100, True)
+    assert (options.port, options.trusted, options.timeout) == (8100, True, 0.5)
     for argv in (
         ["--backend", "payments=http://x"],
         ["--backend", "orders"],
+        ["--backend", "orders=http://"],
+        ["--backend", "orders=http://127.0.0.1:1,branches=http://x"],
         ["--serve-backends", "--backend", "orders=http://x"],
         ["--serve-backends", "--workers", "2"],
+        ["--serve-backends", "--port", "9002"],
+        ["--serve-backends", "--backend-port", "65534"],
+        ["--port", "70000"],
+        ["--port", "-5"],
+        ["--workers", "0"],
+        ["--timeout", "-1"],
+        ["--timeout", "nan"],
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -346,6 +377,8 @@ def test_demo_cli_banner_names_credentials_and_curl_lines() -> None:
     assert "demo_partner:demo_secret" in text
     assert text.count("curl ") >= 8
     assert "orders=in-process" in text
+    assert "ord_garbled   # 502 downstream_invalid_response" in text
+    assert "ord_garbled   # 200 with the broken body" in banner(Options(trusted=True))
 
 
 def test_demo_cli_builds_a_gateway_from_options_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -440,3 +473,69 @@ def test_demo_workers_keep_the_request_id_format(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("ENVELOPE_DEMO_BACKENDS_ACCESS_LOG", "0")
     with TestClient(app_from_environment()) as client:
         assert client.get("/health").headers["x-request-id"].startswith("req_")
+
+
+# -- backends that answer what the partner API does not relay ---------------------
+
+
+def test_demo_backend_answers_outside_the_api_are_not_relayed(logs: Any) -> None:
+    async def odd_orders(scope: Scope, receive: Receive, send: Send) -> None:
+        status, content_type, payload = {
+            "/orders/page": (200, b"text/html", b"<html>orders-7.internal maintenance</html>"),
+            "/orders/untyped": (200, None, b'{"id": "x"}'),
+            "/orders/moved": (302, b"text/html", b"<a href=http://orders-7.internal/>moved</a>"),
+            "/orders/refused": (401, b"application/json", b'{"detail": "token expired for svc-gateway"}'),
+            "/orders/forbidden": (403, b"application/json", b'{"detail": "svc-gateway lacks orders:write"}'),
+        }[scope["path"]]
+        headers = [(b"location", b"http://orders-7.internal/")] if status == 302 else []
+        if content_type is not None:
+            headers.append((b"content-type", content_type))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    backends: dict[str, Any] = {**create_backends(), "orders": odd_orders}
+    with TestClient(create_gateway(backends, access_log=False)) as client:
+        for order_id, status, code in [
+            ("page", 502, "downstream_invalid_response"),
+            ("untyped", 502, "downstream_invalid_response"),
+            ("moved", 502, "downstream_invalid_response"),
+            ("refused", 502, "downstream_unavailable"),
+            ("forbidden", 502, "downstream_unavailable"),
+        ]:
+            response = client.get(f"/orders/{order_id}", auth=FULL)
+            error_of(response, status, code)
+            assert "internal" not in response.text
+            assert "svc-gateway" not in response.text
+            assert "location" not in response.headers
+    events = [e["event"] for e in logs.entries]
+    assert events.count("downstream_unexpected_response") == 3
+    assert events.count("downstream_refused_gateway") == 2
+
+
+def test_demo_availability_body_is_bounded_and_only_its_field_is_forwarded() -> None:
+    seen: list[bytes] = []
+
+    async def brands(scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        seen.append(message.get("body", b""))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    backends: dict[str, Any] = {**create_backends(), "brands": brands}
+    with TestClient(create_gateway(backends, access_log=False)) as client:
+        change = {"available": False, "business_id": "someone-else", "note": "x"}
+        response = client.patch("/items/3/availability", json=change, auth=FULL)
+        assert check_envelope(response)["data"] == {"ok": True}
+        assert [orjson.loads(body) for body in seen] == [{"available": False}]
+        big = b'{"available": true, "pad": "' + b"x" * 20_000 + b'"}'
+        for extra in ({}, {"transfer-encoding": "chunked"}):
+            response = client.patch("/items/3/availability", content=iter([big]) if extra else big, auth=FULL)
+            error = error_of(response, 413, "request_invalid")
+            assert error["details"] == {"max_bytes": 16 * 1024}
+        assert len(seen) == 1

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from envelope_middleware import DEFAULT_CATALOGUE, ApiError, Catalogue, EnvelopeMiddleware, ErrorSpec
 from envelope_middleware._errors import ErrorPolicy
 from tests._server import serve
-from tests.conftest import JSON, body, call, scripted, start
+from tests.conftest import JSON, Sent, body, call, make_scope, scripted, start
 
 
 def policy(**options: Any) -> ErrorPolicy:
@@ -177,3 +177,42 @@ async def test_errors_a_credential_code_as_401_default_still_follows_the_request
     mw = EnvelopeMiddleware(scripted(start(401), body(b"")), catalogue=catalogue, access_log=False)
     sent = await call(mw, headers=[("authorization", authorization)] if authorization else [])
     assert sent.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize("client_module", [httpx2, httpx], ids=["httpx2", "httpx"])
+@pytest.mark.parametrize(
+    ("backend_status", "code"), [(404, "downstream_invalid_response"), (503, "downstream_unavailable")]
+)
+async def test_errors_raise_for_status_is_retryable_only_for_a_service_5xx(
+    client_module: Any, backend_status: int, code: str
+) -> None:
+    # A service's 4xx answers the same on a retry: not the retryable downstream_unavailable.
+    async def backend(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": backend_status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        transport = client_module.ASGITransport(app=backend)
+        async with client_module.AsyncClient(transport=transport, base_url="http://orders") as client:
+            (await client.get("/orders/1")).raise_for_status()
+
+    sent = await call(EnvelopeMiddleware(app, access_log=False))
+    assert (sent.status, sent.json()["error"]["code"]) == (502, code)
+    assert DEFAULT_CATALOGUE[code].retryable is (backend_status >= 500)
+
+
+async def test_errors_a_client_disconnect_mid_body_is_not_a_server_error(logs: Any) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await Request(scope, receive).body()
+
+    async def gone() -> Any:
+        return {"type": "http.disconnect"}
+
+    sent = Sent()
+
+    async def record(message: Any) -> None:
+        sent.messages.append(message)
+
+    await EnvelopeMiddleware(app)(make_scope("POST", "/orders"), gone, record)
+    assert (sent.status, sent.json()["error"]["code"]) == (400, "request_invalid")
+    assert [e["log_level"] for e in logs.entries if e["event"] == "mapped_exception"] == ["warning"]

@@ -85,3 +85,19 @@ def test_exceptions_rate_limited_without_retry_after_sends_no_header() -> None:
     exc = RateLimited(headers={"X-RateLimit-Limit": "100"})
     assert dict(exc.headers) == {"X-RateLimit-Limit": "100"}
     assert dict(exc.details) == {}
+
+
+@pytest.mark.parametrize(
+    ("message", "details", "match"),
+    [(123, None, "message is a str"), ("m", [1, 2], "details are a mapping"), ("m", "text", "not str")],
+)
+def test_exceptions_api_error_refuses_a_message_or_details_the_envelope_cannot_carry(
+    message: object, details: object, match: str
+) -> None:
+    with pytest.raises(TypeError, match=match):
+        ApiError("bad_input", message, status=400, details=details)  # type: ignore[arg-type]
+
+
+def test_exceptions_api_error_reads_headers_given_as_pairs() -> None:
+    error = ApiError("rate_limited", "slow down", status=429, headers=[("Retry-After", "5")])
+    assert error.headers == {"Retry-After": "5"}

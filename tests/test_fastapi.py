@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
+from unittest.mock import ANY
 
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.testclient import TestClient
@@ -98,6 +99,12 @@ def test_fastapi_excluded_docs_paths_serve_the_raw_openapi_spec() -> None:
 def test_fastapi_without_the_handlers_still_gives_a_contract_error() -> None:
     with TestClient(make_app(install=False)) as client:
         response = client.get("/orders", params={"page": 0})
-    # FastAPI's own 422 is read as a service error: the status stays, the fields go to details.
+    # FastAPI's own 422 is read as a validation error: the status stays, the code is
+    # request_invalid (not 422's default), and the fields go to details without the input.
     assert response.status_code == 422
-    assert response.json()["error"]["details"]["errors"][0]["loc"] == ["query", "page"]
+    error = response.json()["error"]
+    assert error["code"] == "request_invalid"
+    assert error["details"]["errors"] == [
+        {"field": "page", "location": "query", "message": ANY, "type": "greater_than_equal"}
+    ]
+    assert "input" not in response.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 from types import MappingProxyType
 from typing import Any
@@ -382,7 +383,7 @@ async def test_envelope_passes_trailers_and_early_hints_through() -> None:
     assert sent.start["trailers"] is True
 
 
-@pytest.mark.parametrize("path", ["/health", "/health/deep", "/metrics"])
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/metrics/", "/metrics/cpu/load"])
 async def test_envelope_leaves_excluded_paths_unwrapped_but_sets_the_header(path: str) -> None:
     app = envelope(scripted(start(200, [JSON]), body(b'{"ok":true}')), exclude_paths=["/health", "/metrics/"])
     sent = await call(app, path=path)
@@ -390,10 +391,33 @@ async def test_envelope_leaves_excluded_paths_unwrapped_but_sets_the_header(path
     assert sent.header("x-request-id")
 
 
-async def test_envelope_does_not_exclude_a_path_that_only_shares_a_prefix() -> None:
-    app = envelope(scripted(start(200, [JSON]), body(b"{}")), exclude_paths=["/health"])
-    sent = await call(app, path="/healthz")
-    assert sent.json()["data"] == {}
+@pytest.mark.parametrize("path", ["/healthz", "/health/deep", "/health/", "/metricsx", "/other"])
+async def test_envelope_excludes_a_path_alone_and_a_slash_ended_path_with_its_subtree(path: str) -> None:
+    app = envelope(scripted(start(200, [JSON]), body(b"{}")), exclude_paths=["/health", "/metrics/", "/"])
+    sent = await call(app, path=path)
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {}}
+
+
+def test_envelope_excluded_paths_are_matched_before_a_mount_rewrites_root_path() -> None:
+    # The middleware outside, routes inside Mounts: Starlette's router moves
+    # the mount prefix into scope["root_path"] before the endpoint responds.
+    async def echo(request: Request) -> Response:
+        return JSONResponse({"path": request.url.path})
+
+    app = Starlette(
+        routes=[
+            Route("/", echo),
+            Mount("/orders", routes=[Route("/", echo), Route("/health", echo)]),
+            Mount("/api", routes=[Route("/docs", echo)]),
+        ],
+        middleware=[Middleware(EnvelopeMiddleware, exclude_paths=["/", "/api/docs"], access_log=False)],
+    )
+    with TestClient(app) as client:
+        assert client.get("/").json() == {"path": "/"}
+        assert client.get("/api/docs").json() == {"path": "/api/docs"}
+        for path in ("/orders/", "/orders/health"):
+            response = client.get(path)
+            assert response.json() == {"request_id": response.headers["x-request-id"], "data": {"path": path}}
 
 
 def test_envelope_rejects_relative_excluded_paths() -> None:
@@ -512,11 +536,32 @@ async def test_envelope_tells_missing_from_invalid_credentials_on_a_bare_401(
             {"limit": 90},
         ),
         (
+            422,
+            {"detail": [{"loc": ["query", "size"], "msg": "too big", "input": "secret-ish"}]},
+            "request_invalid",
+            "The request did not validate.",
+            {"errors": [{"field": "size", "location": "query", "message": "too big", "type": ""}]},
+        ),
+        (
             400,
-            {"detail": [{"loc": ["query", "size"], "msg": "too big"}]},
+            {"detail": [{"field": "size", "problem": "too big"}]},
             "request_invalid",
             DEFAULT_CATALOGUE["request_invalid"].message,
-            {"errors": [{"loc": ["query", "size"], "msg": "too big"}]},
+            {"errors": [{"field": "size", "problem": "too big"}]},
+        ),
+        (
+            422,
+            {"type": "about:blank", "title": "Item archived", "code": "state_invalid_transition"},
+            "state_invalid_transition",
+            "Item archived",
+            {},
+        ),
+        (
+            404,
+            {"type": "https://example.com/probs/gone", "title": "Gone", "instance": "/orders/9", "sku": 9},
+            "resource_not_found",
+            "Gone",
+            {"sku": 9},
         ),
         (401, {"error": "invalid_token", "error_description": "expired"}, "auth_missing", "expired", {}),
         (
@@ -541,7 +586,10 @@ async def test_envelope_tells_missing_from_invalid_credentials_on_a_bare_401(
         "flat-upper",
         "flat-unknown",
         "problem",
+        "fastapi-validation",
         "detail-list",
+        "problem-code-title",
+        "problem-instance",
         "oauth",
         "conflict",
         "junk",
@@ -1282,3 +1330,63 @@ async def test_envelope_creates_scope_state_when_the_server_gave_none() -> None:
         EnvelopeMiddleware(scripted(start(200, [JSON]), body(b"{}")), access_log=False), scope=scope
     )
     assert scope["state"] == {"request_id": sent.header("x-request-id")}
+
+
+# -- bytes-like messages and invalid starts -------------------------------------
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_reads_bytes_like_header_values_and_bodies_as_servers_do(
+    kind: type, validate_json: bool
+) -> None:
+    headers = [(kind(b"content-type"), kind(b"application/json")), (kind(b"x-trace"), kind(b"t1"))]
+    app = scripted(start(200, headers), {"type": "http.response.body", "body": kind(b'{"a":1}')})
+    sent = await call(envelope(app, validate_json=validate_json))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"a": 1}}
+    assert sent.header("x-trace") == "t1"
+    assert sent.header("content-length") == str(len(sent.body))
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+async def test_envelope_passes_and_replaces_responses_with_bytes_like_headers(kind: type) -> None:
+    page = scripted(start(200, [(kind(b"content-type"), kind(b"text/html"))]), body(b"<p>hi</p>"))
+    sent = await call(envelope(page))
+    assert sent.body == b"<p>hi</p>"
+    assert sent.header("x-request-id")
+    missing = scripted(start(404, [(kind(b"content-type"), kind(b"text/plain"))]), body(b"Not Found"))
+    assert_error(await call(envelope(missing)), 404, "resource_not_found")
+
+
+@pytest.mark.parametrize("status", [0, 100, 199, 600, 999])
+async def test_envelope_answers_500_for_a_status_that_is_not_a_final_response(status: int) -> None:
+    sent = await call(envelope(scripted(start(status, [JSON]), body(b"{}"))))
+    assert_error(sent, 500, "internal")
+
+
+async def test_envelope_reads_the_first_of_duplicate_content_types_on_every_path() -> None:
+    headers = [(b"content-type", b"text/html"), (b"content-type", b"application/json")]
+    sent = await call(envelope(scripted(start(200, headers), body(b"<p>not json</p>"))))
+    assert sent.status == 200
+    assert sent.body == b"<p>not json</p>"
+
+
+async def test_envelope_answers_an_http_exception_whose_headers_are_not_a_mapping() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise HTTPException(429, headers=[("Retry-After", "5")])  # type: ignore[arg-type]
+
+    assert_error(await call(envelope(app)), 429, "rate_limited")
+
+
+async def test_envelope_sends_the_headers_of_an_api_error_given_as_pairs() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ApiError("rate_limited", "slow down", status=429, headers=[("Retry-After", "5")])
+
+    sent = await call(envelope(app))
+    assert_error(sent, 429, "rate_limited")
+    assert sent.header("retry-after") == "5"
+
+
+def test_envelope_refuses_a_stdlib_logger_it_could_not_call() -> None:
+    with pytest.raises(TypeError, match="structlog logger"):
+        EnvelopeMiddleware(scripted(), logger=logging.getLogger("gateway"))

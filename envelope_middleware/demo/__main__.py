@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import httpx2
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -39,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         prog="envelope-demo", description="The envelope_middleware reference partner gateway."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument(
         "--backend",
         action="append",
@@ -52,9 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         action="store_true",
         help="also serve the demo backends on their own ports and reach them over HTTP",
     )
-    parser.add_argument("--backend-port", type=int, default=9001, help="first port for --serve-backends")
-    parser.add_argument("--timeout", type=float, default=1.0, help="seconds a backend may take")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--backend-port", type=_port, default=9001, help="first port for --serve-backends")
+    parser.add_argument("--timeout", type=_seconds, default=1.0, help="seconds a backend may take")
+    parser.add_argument("--workers", type=_count, default=1)
     parser.add_argument("--request-id-format", choices=["hex", "prefixed_uuid"], default="hex")
     parser.add_argument("--trusted", action="store_true", help="trust backend JSON: no validation")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false")
@@ -62,13 +63,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     backends: dict[str, str] = {}
     for spec in args.backend:
         name, sep, url = spec.partition("=")
-        if not sep or name not in BACKENDS or not url.startswith(("http://", "https://")):
-            parser.error(f"--backend takes NAME=URL with NAME one of {', '.join(BACKENDS)}: {spec!r}")
+        if not sep or name not in BACKENDS or not _is_base_url(url):
+            parser.error(
+                f"--backend takes NAME=URL, NAME one of {', '.join(BACKENDS)} and URL "
+                f"http(s)://host[:port][/path]: {spec!r}"
+            )
         backends[name] = url
     if args.serve_backends and backends:
         parser.error("--serve-backends and --backend exclude each other")
     if args.serve_backends and args.workers > 1:
         parser.error("--serve-backends runs in one process; give --backend URLs to use --workers")
+    if args.serve_backends and (
+        args.backend_port + len(BACKENDS) > _MAX_PORT + 1
+        or args.backend_port <= args.port < args.backend_port + len(BACKENDS)
+    ):
+        last = args.backend_port + len(BACKENDS) - 1
+        parser.error(f"--serve-backends uses ports {args.backend_port}-{last}: they must be free of --port")
     return Options(
         host=args.host,
         port=args.port,
@@ -81,6 +91,38 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         trusted=args.trusted,
         access_log=args.access_log,
     )
+
+
+_MAX_PORT = 65535
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= _MAX_PORT:
+        raise argparse.ArgumentTypeError(f"a port is 1 to {_MAX_PORT}, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan, which compares false
+        raise argparse.ArgumentTypeError(f"a timeout is a positive number of seconds, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least one worker, not {value}")
+    return value
+
+
+def _is_base_url(url: str) -> bool:
+    try:
+        parsed = httpx2.URL(url)
+    except (httpx2.InvalidURL, TypeError):
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host) and not parsed.query
 
 
 def build(options: Options) -> ASGIApp:
@@ -103,6 +145,11 @@ def banner(options: Options) -> str:
     key, secret = CREDENTIALS[0].partner_key, CREDENTIALS[0].secret
     ro_key, ro_secret = CREDENTIALS[1].partner_key, CREDENTIALS[1].secret
     where = ", ".join(f"{name}={options.backends.get(name, 'in-process')}" for name in BACKENDS)
+    garbled = (
+        "200 with the broken body: --trusted skips the check"
+        if options.trusted
+        else "502 downstream_invalid_response"
+    )
     return "\n".join(
         [
             f"partner gateway on {base}  (backends: {where})",
@@ -117,7 +164,7 @@ def banner(options: Options) -> str:
             ),
             f"  curl -si -u {key}:{secret} {base}/orders/ord_crash     # 500, nothing leaked",
             f"  curl -si -u {key}:{secret} {base}/orders/ord_slow      # 504 downstream_timeout",
-            f"  curl -si -u {key}:{secret} {base}/orders/ord_garbled   # 502 downstream_invalid_response",
+            f"  curl -si -u {key}:{secret} {base}/orders/ord_garbled   # {garbled}",
             f"  curl -si -u {ro_key}:{ro_secret} {base}/brands         # 403 auth_forbidden",
             f"  curl -si '{base}/orders?brand_id=1'                     # 401 auth_missing",
         ]

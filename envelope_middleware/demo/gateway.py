@@ -25,15 +25,19 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from envelope_middleware import (
+    ApiError,
     AuthForbidden,
     AuthInvalidCredential,
     AuthMissing,
+    DownstreamInvalidResponse,
     DownstreamTimeout,
+    DownstreamUnavailable,
     EnvelopeMiddleware,
     RequestInvalid,
     ResourceNotFound,
     async_request_id_hook,
 )
+from envelope_middleware._http import is_json_media_type
 from envelope_middleware.request_id import RequestIdFormat
 
 __all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
@@ -41,6 +45,10 @@ __all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
 _REALM = {"WWW-Authenticate": 'Basic realm="partner-api"'}
 _FORWARDED_HEADERS = ("content-type", "retry-after")
 MAX_PAGE_SIZE = 100
+MAX_BODY_BYTES = 16 * 1024  # a write body here is a few fields; more is refused, not read
+# The backend refused the gateway's own access: nothing the partner sent or can fix.
+_REFUSED_GATEWAY = frozenset({401, 403, 407})
+_logger = structlog.get_logger("envelope_middleware.demo")
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 
 
@@ -129,14 +137,67 @@ def _validated_query(request: Request, *, filters: tuple[str, ...] = ()) -> dict
 
 async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Response:
     client: httpx2.AsyncClient = request.app.state.clients[api.backend]
+    # A HEAD is asked of the backend as a GET, so the gateway answers it from
+    # the same document and status a GET would get (RFC 9110 §9.3.2).
+    method = "GET" if request.method == "HEAD" else request.method
     try:
         # The bound covers in-process backends too, which no socket timeout reaches.
         async with asyncio.timeout(request.app.state.timeout):
-            upstream = await client.request(request.method, path, **kwargs)
+            upstream = await client.request(method, path, **kwargs)
     except TimeoutError:
         raise DownstreamTimeout(f"The {api.backend} service did not answer in time.") from None
+    status = upstream.status_code
+    content_type = upstream.headers.get("content-type", "")
+    # The partner API answers JSON documents and errors, nothing else: a backend
+    # redirect, page or file is not something to relay (issue #3 review).
+    if 300 <= status < 400 or (
+        200 <= status < 300 and status != 204 and not is_json_media_type(content_type.encode("latin-1"))
+    ):
+        _logger.warning(
+            "downstream_unexpected_response", backend=api.backend, status=status, content_type=content_type
+        )
+        raise DownstreamInvalidResponse(f"The {api.backend} service sent an unexpected response.")
+    if status in _REFUSED_GATEWAY:
+        # The partner's own credential was checked above; this one is the gateway's.
+        _logger.error("downstream_refused_gateway", backend=api.backend, status=status)
+        raise DownstreamUnavailable(f"The {api.backend} service is unavailable.")
     headers = {name: upstream.headers[name] for name in _FORWARDED_HEADERS if name in upstream.headers}
-    return Response(upstream.content, status_code=upstream.status_code, headers=headers)
+    return Response(upstream.content, status_code=status, headers=headers)
+
+
+async def _small_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _body_too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _body_too_large()
+    return bytes(body)
+
+
+async def _availability(request: Request) -> bool:
+    try:
+        change = orjson.loads(await _small_body(request))
+    except orjson.JSONDecodeError:
+        change = None
+    if not isinstance(change, dict) or not isinstance(change.get("available"), bool):
+        raise RequestInvalid(
+            'The body must be a JSON object {"available": true|false}.',
+            details={"errors": [{"field": "available", "message": "must be a boolean"}]},
+        )
+    available: bool = change["available"]
+    return available
+
+
+def _body_too_large() -> ApiError:
+    return ApiError(
+        "request_invalid",
+        f"The request body is larger than {MAX_BODY_BYTES} bytes.",
+        status=413,
+        details={"max_bytes": MAX_BODY_BYTES},
+    )
 
 
 def create_gateway(
@@ -194,16 +255,10 @@ def create_gateway(
         # fails with a 500 on numbers past int()'s digit limit.
         if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 12):
             raise ResourceNotFound("No menu item has this id.")
-        try:
-            change = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            change = None
-        if not isinstance(change, dict) or not isinstance(change.get("available"), bool):
-            raise RequestInvalid(
-                'The body must be a JSON object {"available": true|false}.',
-                details={"errors": [{"field": "available", "message": "must be a boolean"}]},
-            )
-        return await _forward(request, items, f"/items/{item_id}/availability", json=change)
+        # Only the field this route changes goes on: whatever else a partner
+        # sends (a business_id above all) is not theirs to set.
+        available = await _availability(request)
+        return await _forward(request, items, f"/items/{item_id}/availability", json={"available": available})
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -228,7 +283,7 @@ def create_gateway(
             for client in clients.values():
                 await client.aclose()
 
-    return Starlette(
+    gateway = Starlette(
         routes=[
             Route("/orders", list_orders),
             Route("/orders/{order_id}", get_order),
@@ -248,6 +303,10 @@ def create_gateway(
         ],
         lifespan=lifespan,
     )
+    # A trailing slash is an unknown route (404), not a redirect whose
+    # Location is built from the client's Host header.
+    gateway.router.redirect_slashes = False
+    return gateway
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -273,6 +332,8 @@ def configure_logging(level: int = logging.INFO) -> None:
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # uvicorn logs exceptions with exc_info: rendered, not dumped as a tuple.
+                structlog.processors.format_exc_info,
                 structlog.processors.JSONRenderer(),
             ],
         )
