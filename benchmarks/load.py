@@ -71,6 +71,9 @@ class Run:
     peak_rss_mb: float
     non_2xx: int
     errors: int
+    # Median over rounds of (this stack's req/s / the bare app's in the same round):
+    # pairing cancels the drift between rounds that a ratio of medians keeps.
+    vs_bare: float
 
 
 def free_port() -> int:
@@ -231,6 +234,7 @@ def measure(args: argparse.Namespace) -> list[Run]:
                     f"p50 {result['p50']:.2f} ms p99 {result['p99']:.2f} ms",
                     file=sys.stderr,
                 )
+        bare = [s["rps"] for s in samples["bare"]]
         runs.extend(
             Run(
                 stack=stack,
@@ -241,6 +245,9 @@ def measure(args: argparse.Namespace) -> list[Run]:
                 peak_rss_mb=rss[stack],
                 non_2xx=int(sum(s["non_2xx"] for s in samples[stack])),
                 errors=int(sum(s["errors"] for s in samples[stack])),
+                vs_bare=statistics.median(
+                    s["rps"] / base for s, base in zip(samples[stack], bare, strict=True)
+                ),
             )
             for stack in args.stacks
         )
@@ -253,19 +260,18 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
             f"uvicorn ({args.workers} worker(s), httptools, uvloop) on core 0, "
             f"`wrk -t{args.threads} -c{args.connections} -d{args.duration}s` on core 1; "
-            f"median of {args.repeats} interleaved run(s)."
+            f"median of {args.repeats} interleaved rounds; vs bare is the median of the "
+            "per-round ratios to the bare app."
         ),
         "",
         "| size | stack | req/s | vs bare | p50 ms | p99 ms | peak RSS MiB | non-2xx | socket errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    bare = {r.size: r for r in runs if r.stack == "bare"}
-    for r in runs:
-        ratio = f"{r.requests_per_s / bare[r.size].requests_per_s:.2f}" if r.size in bare else "-"
-        lines.append(
-            f"| {r.size} | {LABELS[r.stack]} | {r.requests_per_s:.0f} | {ratio} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {r.peak_rss_mb:.0f} | {r.non_2xx} | {r.errors} |"
-        )
+    lines.extend(
+        f"| {r.size} | {LABELS[r.stack]} | {r.requests_per_s:.0f} | {r.vs_bare:.2f} | {r.p50_ms:.2f} | "
+        f"{r.p99_ms:.2f} | {r.peak_rss_mb:.0f} | {r.non_2xx} | {r.errors} |"
+        for r in runs
+    )
     return "\n".join(lines)
 
 
@@ -277,13 +283,12 @@ def chart(runs: list[Run], path: Path) -> None:
 
     sizes = list(dict.fromkeys(r.size for r in runs))
     stacks = list(dict.fromkeys(r.stack for r in runs))
-    bare = {r.size: r.requests_per_s for r in runs if r.stack == "bare"}
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.8 / len(stacks)
     for index, stack in enumerate(stacks):
         by_size = {r.size: r for r in runs if r.stack == stack}
         xs = [i + index * width for i in range(len(sizes))]
-        axes[0].bar(xs, [by_size[s].requests_per_s / bare[s] for s in sizes], width, label=LABELS[stack])
+        axes[0].bar(xs, [by_size[s].vs_bare for s in sizes], width, label=LABELS[stack])
         axes[1].bar(xs, [by_size[s].peak_rss_mb for s in sizes], width, label=LABELS[stack])
     for axis, title in zip(axes, ["requests/s relative to bare Starlette", "peak RSS (MiB)"], strict=True):
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes)

@@ -88,6 +88,11 @@ class EnvelopeMiddleware:
         validate_json: check that a 2xx JSON body is JSON before wrapping it
             (the default); an invalid one becomes 502 `downstream_invalid_response`.
             With False, bodies stream through without being held.
+        max_validated_size: in validating mode, the most bytes of a body sent in
+            several messages that are held for the check; a longer one streams on
+            unchecked from there, with a warning in the log. None (the default)
+            holds any body whole. A body sent in one message is checked at any size:
+            it is in memory already.
         exclude_paths: paths whose responses keep their bodies; they still get
             the id header and the access log. "/health" is that path alone,
             "/docs/" is /docs and every path below it.
@@ -109,6 +114,7 @@ class EnvelopeMiddleware:
         request_id_header: str = "X-Request-ID",
         trust_request_id: bool = False,
         validate_json: bool = True,
+        max_validated_size: int | None = None,
         exclude_paths: Iterable[str] = (),
         catalogue: Catalogue = DEFAULT_CATALOGUE,
         allowed_codes: Iterable[str] = (),
@@ -130,6 +136,11 @@ class EnvelopeMiddleware:
         self.error_drop = BODY_HEADERS | {self.id_header}
         self.trust_request_id = trust_request_id
         self.validate_json = validate_json
+        if max_validated_size is not None and (
+            isinstance(max_validated_size, bool) or max_validated_size < 0
+        ):
+            raise ValueError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
+        self.max_validated_size = max_validated_size
         exact: set[str] = set()
         subtrees: list[str] = []
         for path in exclude_paths:
@@ -413,9 +424,18 @@ class _Exchange:
                 raise RuntimeError("the app sent a body before http.response.start")
         elif mode == _WRAP_BUFFER:
             self.chunks.append(body)
+            self.body_size += len(body)
             if not more:
                 chunks, self.chunks = self.chunks, []
                 await self._send_wrapped(held, b"".join(chunks))
+            elif (limit := self.mw.max_validated_size) is not None and self.body_size > limit:
+                # Memory stays bounded; the check is given up for this body, and said so.
+                self.mw.logger.warning(
+                    "json_not_validated", request_id=self.request_id_str, held_bytes=self.body_size
+                )
+                chunks, self.chunks = self.chunks, []
+                self.mode = _WRAP_STREAM
+                await self._open_wrapped_stream(held, b"".join(chunks), more=True)
         elif mode == _WRAP_STREAM:
             await self._open_wrapped_stream(held, body, more=more)
         else:  # _ERROR

@@ -1390,3 +1390,31 @@ async def test_envelope_sends_the_headers_of_an_api_error_given_as_pairs() -> No
 def test_envelope_refuses_a_stdlib_logger_it_could_not_call() -> None:
     with pytest.raises(TypeError, match="structlog logger"):
         EnvelopeMiddleware(scripted(), logger=logging.getLogger("gateway"))
+
+
+# -- max_validated_size ---------------------------------------------------------
+
+
+async def test_envelope_streams_a_body_past_max_validated_size_unchecked(logs: Any) -> None:
+    chunks = [b'{"items": [', b"1, 2, 3", b'], "note": "', b"x" * 50, b'"}']
+    declared = (b"content-length", str(sum(map(len, chunks))).encode())
+    messages = [body(chunk, more=index < len(chunks) - 1) for index, chunk in enumerate(chunks)]
+    sent = await call(envelope(scripted(start(200, [JSON, declared]), *messages), max_validated_size=16))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": orjson.loads(b"".join(chunks))}
+    assert sent.header("content-length") == str(len(sent.body))
+    # Held only until the limit: the rest went on message by message.
+    assert len(sent.body_messages) == 4
+    [event] = [e for e in logs.entries if e["event"] == "json_not_validated"]
+    assert event["held_bytes"] == len(chunks[0]) + len(chunks[1])
+    assert event["request_id"] == sent.header("x-request-id")
+
+
+async def test_envelope_checks_bodies_within_max_validated_size() -> None:
+    app = scripted(start(200, [JSON]), body(b'{"a": ', more=True), body(b"}"))
+    assert_error(await call(envelope(app, max_validated_size=1024)), 502, "downstream_invalid_response")
+
+
+@pytest.mark.parametrize("size", [-1, True])
+def test_envelope_refuses_a_max_validated_size_that_is_not_a_size(size: int) -> None:
+    with pytest.raises(ValueError, match="max_validated_size"):
+        EnvelopeMiddleware(scripted(), max_validated_size=size)
