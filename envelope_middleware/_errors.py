@@ -111,7 +111,7 @@ class ErrorPolicy:
         self, status: int, content_type: bytes | None, body: bytes, *, has_credentials: bool
     ) -> Failure:
         """Describe an error response the app or a service sent, keeping only what is safe."""
-        code, message, details = _read_error_body(content_type, body)
+        code, message, details = _read_error_body(content_type, body, status)
         if code is not None:
             code = code.lower()
             if code not in self._allowed:
@@ -150,8 +150,7 @@ class ErrorPolicy:
             code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
             detail = _clean_message(exc.detail) if exc.status_code < 500 else None
             message = detail or self._default_message(code)
-            headers = exc.headers if isinstance(exc.headers, Mapping) else {}
-            return Failure(exc.status_code, code, message, {}, headers)
+            return Failure(exc.status_code, code, message, {}, _as_headers(exc.headers))
         spec = self._lookup(type(exc))
         if spec is None:
             return Failure(500, "internal", self._default_message("internal"), log="error")
@@ -213,6 +212,18 @@ class ErrorPolicy:
         return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
 
 
+def _as_headers(value: object) -> Mapping[str, str]:
+    # HTTPException takes a mapping; (name, value) pairs are read as the one they
+    # spell, as ApiError reads them, and anything else is dropped.
+    if value is None or isinstance(value, Mapping):
+        return value or {}
+    try:
+        pairs: dict[str, str] = dict(value)  # type: ignore[call-overload]  # checked at run time
+    except (TypeError, ValueError):
+        return {}
+    return pairs
+
+
 def _answered_4xx(exc: Exception) -> bool:
     # httpx's HTTPStatusError carries the response it was raised for.
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -233,7 +244,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _read_error_body(
-    content_type: bytes | None, body: bytes
+    content_type: bytes | None, body: bytes, status: int
 ) -> tuple[str | None, str | None, dict[str, Any] | None]:
     """Find (code, message, details) in the error shapes services commonly send."""
     if not body or content_type is None:
@@ -244,14 +255,16 @@ def _read_error_body(
         except orjson.JSONDecodeError:
             return None, None, None
         if isinstance(document, dict):
-            return _read_error_object(document)
+            return _read_error_object(document, status)
         return None, None, None
     if content_type.partition(b";")[0].strip().lower() in _TEXT_MEDIA:
         return None, _clean_message(body), None
     return None, None, None
 
 
-def _read_error_object(document: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any] | None]:
+def _read_error_object(
+    document: dict[str, Any], status: int
+) -> tuple[str | None, str | None, dict[str, Any] | None]:
     error = document.get("error")
     if isinstance(error, dict):
         # {"error": {"code", "message", "details"}}: this contract's own shape.
@@ -282,9 +295,9 @@ def _read_error_object(document: dict[str, Any]) -> tuple[str | None, str | None
         detail = document["detail"]
         if isinstance(detail, str):
             return None, _clean_message(detail), None
-        if is_validation_error_list(detail):
-            # A FastAPI service's 422: a validation error, whatever the status's
-            # default code; the fields without the input they rejected.
+        if status in (400, 422) and is_validation_error_list(detail):
+            # A FastAPI service's 422 (or 400): a validation error, whatever the
+            # status's default code; the fields without the input they rejected.
             return "request_invalid", VALIDATION_MESSAGE, validation_error_details(detail)
         return None, None, _as_details(detail)
     return None, None, None

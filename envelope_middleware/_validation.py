@@ -33,5 +33,10 @@ def is_validation_error_list(value: object) -> bool:
     return (
         isinstance(value, list)
         and bool(value)
-        and all(isinstance(error, dict) and "loc" in error and "msg" in error for error in value)
+        and all(
+            isinstance(error, dict)
+            and isinstance(error.get("loc"), list | tuple)
+            and isinstance(error.get("msg"), str)
+            for error in value
+        )
     )

@@ -49,6 +49,7 @@ _JOIN_LIMIT = 2 * 1024 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
 _FIELD_VALUE_INVALID = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # RFC 9110 §5.5: no CTLs but HTAB
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
+_MAX_LENGTH_DIGITS = 18  # past this a Content-Length is nonsense, and int() has a digit limit
 _SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 
 # What the middleware does with a response, decided at its start. Plain ints:
@@ -88,11 +89,12 @@ class EnvelopeMiddleware:
         validate_json: check that a 2xx JSON body is JSON before wrapping it
             (the default); an invalid one becomes 502 `downstream_invalid_response`.
             With False, bodies stream through without being held.
-        max_validated_size: in validating mode, the most bytes of a body sent in
-            several messages that are held for the check; a longer one streams on
-            unchecked from there, with a warning in the log. None (the default)
-            holds any body whole. A body sent in one message is checked at any size:
-            it is in memory already.
+        max_validated_size: in validating mode, how much of a body sent in several
+            messages is held for the check: once more than this many bytes are
+            held (the message that crosses the limit included), the body streams on
+            unchecked, with a warning in the log. None (the default) holds any body
+            whole. A body sent in one message is checked at any size: it is in
+            memory already.
         exclude_paths: paths whose responses keep their bodies; they still get
             the id header and the access log. "/health" is that path alone,
             "/docs/" is /docs and every path below it.
@@ -136,11 +138,10 @@ class EnvelopeMiddleware:
         self.error_drop = BODY_HEADERS | {self.id_header}
         self.trust_request_id = trust_request_id
         self.validate_json = validate_json
-        if max_validated_size is not None and (
-            isinstance(max_validated_size, bool) or max_validated_size < 0
-        ):
+        if max_validated_size is not None and (type(max_validated_size) is not int or max_validated_size < 0):
             raise ValueError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
-        self.max_validated_size = max_validated_size
+        # At least the three bytes that tell whether there is a BOM to drop.
+        self.held_limit = None if max_validated_size is None else max(max_validated_size, len(BOM))
         exact: set[str] = set()
         subtrees: list[str] = []
         for path in exclude_paths:
@@ -164,7 +165,7 @@ class EnvelopeMiddleware:
         self.context_fallback = bind_contextvars and self.context_vars is None
         # The common case needs no check of the generated id and no look at the request.
         self.plain_id = not trust_request_id and not self.check_generated
-        if isinstance(logger, logging.Logger):
+        if isinstance(logger, logging.Logger | logging.LoggerAdapter):
             # Its methods take no event fields: every call would raise, mid-request.
             raise TypeError(
                 "logger takes a structlog logger; to write to stdlib logging, configure "
@@ -270,7 +271,9 @@ class EnvelopeMiddleware:
         # of them (which servers and Starlette put into scope["path"]) is not.
         path: str = scope["path"]
         root_path: str = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):
+        # Only a whole leading segment is the root: with root_path "/h", "/health" is
+        # the app's own path, as Starlette's router reads it.
+        if root_path and (path == root_path or path.startswith(root_path + "/")):
             path = path[len(root_path) :] or "/"
         return path in self.excluded_paths or (
             bool(self.excluded_prefixes) and path.startswith(self.excluded_prefixes)
@@ -428,7 +431,7 @@ class _Exchange:
             if not more:
                 chunks, self.chunks = self.chunks, []
                 await self._send_wrapped(held, b"".join(chunks))
-            elif (limit := self.mw.max_validated_size) is not None and self.body_size > limit:
+            elif (limit := self.mw.held_limit) is not None and self.body_size > limit:
                 # Memory stays bounded; the check is given up for this body, and said so.
                 self.mw.logger.warning(
                     "json_not_validated", request_id=self.request_id_str, held_bytes=self.body_size
@@ -534,7 +537,10 @@ class _Exchange:
         # The app's Content-Length, if it gave one, plus the envelope around it;
         # otherwise none, and the server frames the body (chunked, RFC 9112 §7.1).
         declared = header_value(held.get("headers") or [], b"content-length")
-        if declared is None or not declared.isdigit():
+        if declared is None:
+            return None
+        declared = bytes(declared)  # a bytearray or memoryview, which servers accept
+        if not declared.isdigit() or len(declared) > _MAX_LENGTH_DIGITS:
             return None
         # A stripped BOM was counted in the app's length.
         return int(declared) + overhead - (3 if self.bom_stripped else 0)
@@ -635,11 +641,13 @@ class _Exchange:
 
     # -- sending -------------------------------------------------------------
 
-    def _send_start(self, message: Message) -> Awaitable[None]:
+    async def _send_start(self, message: Message) -> None:
+        # A coroutine: the start counts as sent when it is, not when `send` is
+        # called (an app may cancel or drop what `send` returns).
         self.start = None
         self.downstream_started = True
         self.status = message["status"]
-        return self.send_downstream(message)
+        await self.send_downstream(message)
 
     async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
         size = sum(map(len, parts))

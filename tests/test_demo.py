@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
@@ -26,6 +27,7 @@ from envelope_middleware.demo import backends as backends_module
 from envelope_middleware.demo.__main__ import Options, app_from_environment, banner, build, parse_args
 from envelope_middleware.demo.data import ARCHIVED_ITEM_EVERY, generate
 from tests._server import serve
+from tests.conftest import call
 
 FULL = (CREDENTIALS[0].partner_key, CREDENTIALS[0].secret)
 READ_ONLY = (CREDENTIALS[1].partner_key, CREDENTIALS[1].secret)
@@ -357,6 +359,11 @@ def test_demo_cli_parses_backends_and_rejects_bad_combinations(capsys: pytest.Ca
         ["--backend", "orders"],
         ["--backend", "orders=http://"],
         ["--backend", "orders=http://127.0.0.1:1,branches=http://x"],
+        ["--backend", "orders=http://h/?"],
+        ["--backend", "orders=http://h/#top"],
+        ["--backend", "orders=http://127.0.0.1:99999"],
+        ["--backend", "orders=http://h:0"],
+        ["--backend", "orders=http://ho st"],
         ["--serve-backends", "--backend", "orders=http://x"],
         ["--serve-backends", "--workers", "2"],
         ["--serve-backends", "--port", "9002"],
@@ -484,6 +491,7 @@ def test_demo_backend_answers_outside_the_api_are_not_relayed(logs: Any) -> None
             "/orders/page": (200, b"text/html", b"<html>orders-7.internal maintenance</html>"),
             "/orders/untyped": (200, None, b'{"id": "x"}'),
             "/orders/moved": (302, b"text/html", b"<a href=http://orders-7.internal/>moved</a>"),
+            "/orders/partial": (206, b"application/json", b'{"id": "x"}'),
             "/orders/refused": (401, b"application/json", b'{"detail": "token expired for svc-gateway"}'),
             "/orders/forbidden": (403, b"application/json", b'{"detail": "svc-gateway lacks orders:write"}'),
         }[scope["path"]]
@@ -499,6 +507,7 @@ def test_demo_backend_answers_outside_the_api_are_not_relayed(logs: Any) -> None
             ("page", 502, "downstream_invalid_response"),
             ("untyped", 502, "downstream_invalid_response"),
             ("moved", 502, "downstream_invalid_response"),
+            ("partial", 502, "downstream_invalid_response"),
             ("refused", 502, "downstream_unavailable"),
             ("forbidden", 502, "downstream_unavailable"),
         ]:
@@ -508,7 +517,7 @@ def test_demo_backend_answers_outside_the_api_are_not_relayed(logs: Any) -> None
             assert "svc-gateway" not in response.text
             assert "location" not in response.headers
     events = [e["event"] for e in logs.entries]
-    assert events.count("downstream_unexpected_response") == 3
+    assert events.count("downstream_unexpected_response") == 4
     assert events.count("downstream_refused_gateway") == 2
 
 
@@ -539,3 +548,8 @@ def test_demo_availability_body_is_bounded_and_only_its_field_is_forwarded() -> 
             error = error_of(response, 413, "request_invalid")
             assert error["details"] == {"max_bytes": 16 * 1024}
         assert len(seen) == 1
+    # A Content-Length too long for int() is too large, not a crash.
+    credentials = base64.b64encode(b"demo_partner:demo_secret")
+    headers = [(b"authorization", b"Basic " + credentials), (b"content-length", b"9" * 5000)]
+    sent = asyncio.run(call(create_gateway(backends), "PATCH", "/items/3/availability", headers))
+    assert (sent.status, sent.json()["error"]["code"]) == (413, "request_invalid")

@@ -543,6 +543,20 @@ async def test_envelope_tells_missing_from_invalid_credentials_on_a_bare_401(
             {"errors": [{"field": "size", "location": "query", "message": "too big", "type": ""}]},
         ),
         (
+            422,
+            {"detail": [{"loc": None, "msg": "x"}]},
+            "state_invalid_transition",
+            DEFAULT_CATALOGUE["state_invalid_transition"].message,
+            {"errors": [{"loc": None, "msg": "x"}]},
+        ),
+        (
+            503,
+            {"detail": [{"loc": ["body"], "msg": "x"}]},
+            "service_unavailable",
+            DEFAULT_CATALOGUE["service_unavailable"].message,
+            {},
+        ),
+        (
             400,
             {"detail": [{"field": "size", "problem": "too big"}]},
             "request_invalid",
@@ -587,6 +601,8 @@ async def test_envelope_tells_missing_from_invalid_credentials_on_a_bare_401(
         "flat-unknown",
         "problem",
         "fastapi-validation",
+        "loc-not-a-list",
+        "validation-shape-at-503",
         "detail-list",
         "problem-code-title",
         "problem-instance",
@@ -1369,13 +1385,55 @@ async def test_envelope_reads_the_first_of_duplicate_content_types_on_every_path
     sent = await call(envelope(scripted(start(200, headers), body(b"<p>not json</p>"))))
     assert sent.status == 200
     assert sent.body == b"<p>not json</p>"
+    # An error body under the same headers is read as plain text, not as its JSON.
+    text = [(b"content-type", b"text/plain"), (b"content-type", b"application/json")]
+    payload = b'{"error": {"code": "resource_not_found", "message": "m"}}'
+    error = assert_error(
+        await call(envelope(scripted(start(404, text), body(payload)))), 404, "resource_not_found"
+    )
+    assert error["message"] == payload.decode()
 
 
-async def test_envelope_answers_an_http_exception_whose_headers_are_not_a_mapping() -> None:
+async def test_envelope_counts_a_start_as_sent_only_once_it_is(logs: Any) -> None:
+    # The app cancels what `send` returned for its start, then fails: nothing
+    # went out, so the client still gets the error envelope.
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        raise HTTPException(429, headers=[("Retry-After", "5")])  # type: ignore[arg-type]
+        task = asyncio.ensure_future(send(start(200, [(b"content-type", b"text/plain")])))
+        task.cancel()
+        raise ValueError("boom")
 
-    assert_error(await call(envelope(app)), 429, "rate_limited")
+    assert_error(await call(envelope(app)), 500, "internal")
+
+
+async def test_envelope_reads_a_bytes_like_content_length_of_a_streamed_body() -> None:
+    length: Any = memoryview(b"7")  # servers accept any bytes-like value
+    app = scripted(start(200, [JSON, (b"content-length", length)]), body(b'{"a":', more=True), body(b"1}"))
+    for options in ({"validate_json": False}, {"max_validated_size": 0}):
+        sent = await call(envelope(app, **options))
+        assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"a": 1}}
+        assert sent.header("content-length") == str(len(sent.body))
+
+
+async def test_envelope_strips_a_root_path_only_as_a_whole_segment() -> None:
+    app = envelope(scripted(start(200, [JSON]), body(b"{}")), exclude_paths=["/health"])
+    scope = {**make_scope("GET", "/health"), "root_path": "/h"}
+    assert (await call(app, scope=scope)).body == b"{}"
+    mounted = {**make_scope("GET", "/h/health"), "root_path": "/h"}
+    assert (await call(app, scope=mounted)).body == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("headers", "retry_after"), [([("Retry-After", "5")], "5"), (5, None), (["x"], None)]
+)
+async def test_envelope_reads_http_exception_headers_given_as_pairs_and_drops_others(
+    headers: Any, retry_after: str | None
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise HTTPException(429, headers=headers)
+
+    sent = await call(envelope(app))
+    assert_error(sent, 429, "rate_limited")
+    assert sent.header("retry-after") == retry_after
 
 
 async def test_envelope_sends_the_headers_of_an_api_error_given_as_pairs() -> None:
@@ -1388,8 +1446,10 @@ async def test_envelope_sends_the_headers_of_an_api_error_given_as_pairs() -> No
 
 
 def test_envelope_refuses_a_stdlib_logger_it_could_not_call() -> None:
-    with pytest.raises(TypeError, match="structlog logger"):
-        EnvelopeMiddleware(scripted(), logger=logging.getLogger("gateway"))
+    stdlib = logging.getLogger("gateway")
+    for logger in (stdlib, logging.LoggerAdapter(stdlib)):
+        with pytest.raises(TypeError, match="structlog logger"):
+            EnvelopeMiddleware(scripted(), logger=logger)
 
 
 # -- max_validated_size ---------------------------------------------------------
@@ -1414,7 +1474,21 @@ async def test_envelope_checks_bodies_within_max_validated_size() -> None:
     assert_error(await call(envelope(app, max_validated_size=1024)), 502, "downstream_invalid_response")
 
 
-@pytest.mark.parametrize("size", [-1, True])
+async def test_envelope_max_validated_size_waits_for_the_bytes_that_tell_a_bom() -> None:
+    app = scripted(start(200, [JSON]), body(b"\xef", more=True), body(b"\xbb\xbf{}", more=True), body(b""))
+    sent = await call(envelope(app, max_validated_size=0))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {}}
+
+
+@pytest.mark.parametrize("size", [-1, True, 1.5, float("nan")])
 def test_envelope_refuses_a_max_validated_size_that_is_not_a_size(size: int) -> None:
     with pytest.raises(ValueError, match="max_validated_size"):
         EnvelopeMiddleware(scripted(), max_validated_size=size)
+
+
+@pytest.mark.parametrize("declared", [b"abc", b"9" * 5000])
+async def test_envelope_leaves_framing_to_the_server_for_a_nonsense_content_length(declared: bytes) -> None:
+    app = scripted(start(200, [JSON, (b"content-length", declared)]), body(b'{"a":', more=True), body(b"1}"))
+    sent = await call(envelope(app, validate_json=False))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"a": 1}}
+    assert sent.header("content-length") is None

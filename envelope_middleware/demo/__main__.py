@@ -118,11 +118,16 @@ def _count(text: str) -> int:
 
 
 def _is_base_url(url: str) -> bool:
+    # Backend paths are appended to it: a query or fragment, even an empty one,
+    # would swallow them, and a bad port or host fails only at the first request.
+    if "?" in url or "#" in url or any(char.isspace() for char in url):
+        return False
     try:
         parsed = httpx2.URL(url)
     except (httpx2.InvalidURL, TypeError):
         return False
-    return parsed.scheme in ("http", "https") and bool(parsed.host) and not parsed.query
+    port_ok = parsed.port is None or 1 <= parsed.port <= _MAX_PORT
+    return parsed.scheme in ("http", "https") and bool(parsed.host) and port_ok
 
 
 def build(options: Options) -> ASGIApp:
