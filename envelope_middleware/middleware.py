@@ -502,7 +502,6 @@ class _Exchange:
         self.start = None
         self.downstream_started = True
         self.status = held["status"]
-        self.bytes_sent = size
         self.complete = True
         send = self.send_downstream
         await send(self._wrapped_start(held, size))
@@ -513,6 +512,7 @@ class _Exchange:
             await send({"type": "http.response.body", "body": prefix, "more_body": True})
             await send({"type": "http.response.body", "body": body, "more_body": True})
             await send({"type": "http.response.body", "body": b"}"})
+        self.bytes_sent = size  # counted once the server took it: the access log's figure
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
         if type(body) is not bytes:
@@ -651,16 +651,16 @@ class _Exchange:
 
     async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
         size = sum(map(len, parts))
-        self.bytes_sent += size
         self.complete = not more
         send = self.send_downstream
         if size <= _JOIN_LIMIT or len(parts) == 1:
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": more})
-            return
-        # Large: the parts go out as they are rather than copied into one buffer.
-        last = len(parts) - 1
-        for index, part in enumerate(parts):
-            await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
+        else:
+            # Large: the parts go out as they are rather than copied into one buffer.
+            last = len(parts) - 1
+            for index, part in enumerate(parts):
+                await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
+        self.bytes_sent += size
 
     def _has_credentials(self) -> bool:
         return header_value(self.scope["headers"], b"authorization") is not None

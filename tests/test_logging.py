@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import structlog
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, get_contextvars
 from structlog.testing import LogCapture
 
@@ -18,7 +18,7 @@ from envelope_middleware import EnvelopeMiddleware, RequestIdFilter, ResourceNot
 from envelope_middleware import _context as context_module
 from envelope_middleware import middleware as middleware_module
 from envelope_middleware._context import structlog_context_vars
-from tests.conftest import JSON, body, call, scripted, start
+from tests.conftest import JSON, body, call, make_scope, scripted, start
 
 log = structlog.get_logger("app")
 
@@ -104,6 +104,22 @@ async def test_logging_access_event_for_a_success_has_no_error_code(logs: LogCap
     assert access["status"] == 200
     assert access["error_code"] is None
     assert access["bytes_sent"] == len(sent.body)
+
+
+async def receive_request() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_logging_access_event_counts_only_bytes_the_server_took(logs: LogCapture) -> None:
+    async def gone(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("client went away")
+
+    app = EnvelopeMiddleware(scripted(start(200, [JSON]), body(b"[1]")))
+    with pytest.raises(OSError, match="went away"):
+        await app(make_scope(), receive_request, gone)
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert (access["status"], access["bytes_sent"]) == (200, 0)
 
 
 async def test_logging_access_event_can_be_turned_off(logs: LogCapture) -> None:
