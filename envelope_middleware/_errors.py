@@ -31,6 +31,9 @@ DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
             ("HTTPError", "downstream_unavailable"),
             ("TransportError", "downstream_unavailable"),
             ("TimeoutException", "downstream_timeout"),
+            # No connection free in the client's own pool: this gateway is
+            # overloaded, no service was slow.
+            ("PoolTimeout", "service_unavailable"),
             ("DecodingError", "downstream_invalid_response"),
         )
     },
@@ -89,7 +92,8 @@ class ErrorPolicy:
         self._allowed = frozenset(allowed)
         by_type: dict[type[BaseException], ErrorSpec] = {}
         by_name: dict[str, ErrorSpec] = {}
-        for key, code in {**DEFAULT_EXCEPTION_CODES, **exception_codes}.items():
+        defaults = {key: code for key, code in DEFAULT_EXCEPTION_CODES.items() if code in catalogue}
+        for key, code in {**defaults, **exception_codes}.items():
             if code not in catalogue:
                 raise ValueError(f"exception {key!r} maps to {code!r}, which is not in the catalogue")
             if isinstance(key, str):

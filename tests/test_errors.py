@@ -216,3 +216,15 @@ async def test_errors_a_client_disconnect_mid_body_is_not_a_server_error(logs: A
     await EnvelopeMiddleware(app)(make_scope("POST", "/orders"), gone, record)
     assert (sent.status, sent.json()["error"]["code"]) == (400, "request_invalid")
     assert [e["log_level"] for e in logs.entries if e["event"] == "mapped_exception"] == ["warning"]
+
+
+async def test_errors_a_full_client_pool_is_this_gateway_overloaded_not_a_slow_service() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise httpx2.PoolTimeout("no connection free in the pool")
+
+    sent = await call(EnvelopeMiddleware(app, access_log=False))
+    assert (sent.status, sent.json()["error"]["code"]) == (503, "service_unavailable")
+    # A catalogue without that code keeps the nearest default: PoolTimeout is a timeout.
+    lean = Catalogue(DEFAULT_CATALOGUE[code] for code in DEFAULT_CATALOGUE if code != "service_unavailable")
+    sent = await call(EnvelopeMiddleware(app, access_log=False, catalogue=lean))
+    assert (sent.status, sent.json()["error"]["code"]) == (504, "downstream_timeout")
