@@ -19,7 +19,7 @@ run under `valgrind --tool=callgrind` for 0 and N requests with a fixed
 PYTHONHASHSEED: the difference divided by N is repeatable to a few hundred
 instructions, whatever else the machine is doing.
 
-    python benchmarks/floor.py               # needs valgrind; about 2 minutes
+    python benchmarks/floor.py               # needs valgrind; about 3 minutes
     python benchmarks/floor.py --markdown results/floor.md
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import msgspec
 from asgi_correlation_id import CorrelationIdMiddleware
-from inprocess import SCOPE, EmptyLayer, payload, quiet_structlog, receive
+from inprocess import SCOPE, EmptyLayer, code_version, payload, quiet_structlog, receive
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from envelope_middleware import EnvelopeMiddleware, hex_request_id
@@ -228,6 +229,8 @@ def report(costs: dict[str, float], count: int) -> str:
     base = costs["service alone"]
     cid = costs["asgi-correlation-id"] - base
     lines = [
+        f"Python {platform.python_version()}, {code_version()}.",
+        "",
         f"Instructions per request (callgrind, PYTHONHASHSEED=0, {count} requests against 0),",
         (
             f"added to a raw ASGI service sending a {len(BODY)} B JSON body "

@@ -23,10 +23,12 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -287,10 +289,29 @@ def timeit_once(fn: Callable[[], object], number: int) -> float:
     return (time.perf_counter() - start) / number
 
 
+def code_version() -> str:
+    """The commit the figures are for, marked when the measured code has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "envelope_middleware", "benchmarks/*.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "code of unknown commit"
+    return f"code at commit {commit}" + (" with uncommitted changes" if changed else "")
+
+
 def report(results: list[Result], checks: dict[str, dict[str, float]], rounds: int) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     lines = [
-        f"Machine: {machine}; {rounds} interleaved rounds per size.",
+        f"Machine: {machine}; {code_version()}; {rounds} interleaved rounds per size.",
         "",
         "Added cost per request in microseconds: median of the paired (stack - bare)",
         "differences, interquartile range in brackets.",

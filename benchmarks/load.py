@@ -29,10 +29,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx2
+from inprocess import code_version
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,6 +75,7 @@ class Run:
     # Median over rounds of (this stack's req/s / the bare app's in the same round):
     # pairing cancels the drift between rounds that a ratio of medians keeps.
     vs_bare: float
+    round_rps: list[float] = field(default_factory=list)  # each round's req/s, in round order
 
 
 def free_port() -> int:
@@ -248,6 +250,7 @@ def measure(args: argparse.Namespace) -> list[Run]:
                 vs_bare=statistics.median(
                     s["rps"] / base for s, base in zip(samples[stack], bare, strict=True)
                 ),
+                round_rps=[s["rps"] for s in samples[stack]],
             )
             for stack in args.stacks
         )
@@ -258,6 +261,7 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
     lines = [
         (
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"{code_version()}; "
             f"uvicorn ({args.workers} worker(s), httptools, uvloop) on core 0, "
             f"`wrk -t{args.threads} -c{args.connections} -d{args.duration}s` on core 1; "
             f"median of {args.repeats} interleaved rounds; vs bare is the median of the "
