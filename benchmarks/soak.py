@@ -32,6 +32,7 @@ import httpx2
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inprocess import code_version
 from load import free_port, stop_server
 
 FULL = ("demo_partner", "demo_secret")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
     lines = [
         (
-            f"Soak of the reference gateway: {duration:.0f} s, {args.concurrency} concurrent clients, "
+            f"Soak of the reference gateway ({code_version()}): {duration:.0f} s, "
+            f"{args.concurrency} concurrent clients, "
             f"{total} requests ({total / duration:.0f}/s), p99 {p99:.1f} ms."
         ),
         "",
