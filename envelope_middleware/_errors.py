@@ -149,7 +149,7 @@ class ErrorPolicy:
     def from_exception(self, exc: Exception, *, has_credentials: bool) -> Failure:
         """Describe the error response for an exception raised by the app."""
         if isinstance(exc, ApiError):
-            return Failure(exc.status, exc.code, exc.message, exc.details, exc.headers)
+            return Failure(exc.status, exc.code, exc.message, exc.details, _as_headers(exc.headers))
         if isinstance(exc, HTTPException) and 400 <= exc.status_code <= 599:
             code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
             detail = _clean_message(exc.detail) if exc.status_code < 500 else None
@@ -217,8 +217,9 @@ class ErrorPolicy:
 
 
 def _as_headers(value: object) -> Mapping[str, str]:
-    # HTTPException takes a mapping; (name, value) pairs are read as the one they
-    # spell, as ApiError reads them, and anything else is dropped.
+    # The one place exception headers become a Failure's: a mapping as it is,
+    # (name, value) pairs as the mapping they spell (HTTPException keeps what it
+    # was given; a subclass may replace an ApiError's), anything else dropped.
     if value is None or isinstance(value, Mapping):
         return value or {}
     try:

@@ -625,8 +625,7 @@ class _Exchange:
     async def _send_error(self, failure: Failure, headers: RawHeaders) -> None:
         body = self.mw.errors.render(self.request_id, failure)
         drop = self.mw.error_drop
-        extra = failure.headers
-        for name, value in extra.items() if isinstance(extra, Mapping) else ():
+        for name, value in failure.headers.items():
             encoded = _encode_header(name, value)
             if encoded is not None and encoded[0] not in drop:
                 headers.append(encoded)
