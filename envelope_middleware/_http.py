@@ -70,6 +70,7 @@ SERVER_ERROR_HEADERS = frozenset(
 )
 
 BOM = b"\xef\xbb\xbf"
+JSON_WHITESPACE = b" \t\n\r"  # RFC 8259 §2
 
 _json_media: dict[bytes, bool] = {}
 _JSON_MEDIA_CACHE_SIZE = 256

@@ -18,6 +18,7 @@ from envelope_middleware._errors import ERROR_BODY_LIMIT, ErrorPolicy, Failure
 from envelope_middleware._http import (
     BODY_HEADERS,
     BOM,
+    JSON_WHITESPACE,
     SERVER_ERROR_HEADERS,
     WRAPPED_BODY_HEADERS,
     RawHeaders,
@@ -293,7 +294,7 @@ class _Exchange:
     bytes_sent = 0
     downstream_started = False
     complete = False
-    bom_stripped = False
+    skipped = 0  # bytes dropped from the start of a streamed body: BOM, whitespace
     excluded = False
     wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
 
@@ -483,11 +484,8 @@ class _Exchange:
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]
-        if not body:
-            body = b"null"
-        else:
-            problem = json_error(body)
-            if problem is not None:
+        if body and (problem := json_error(body)) is not None:
+            if body.strip(JSON_WHITESPACE):
                 # The body may hold anything: its size and the parser's reason are logged, not it.
                 self.mw.logger.warning(
                     "downstream_invalid_json",
@@ -497,6 +495,9 @@ class _Exchange:
                 )
                 await self._send_error(self.mw.errors.for_code("downstream_invalid_response"), [])
                 return
+            body = b""  # whitespace alone holds no document: as an empty body
+        if not body:
+            body = b"null"
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         size = len(prefix) + len(body) + 1
         self.start = None
@@ -517,9 +518,22 @@ class _Exchange:
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
         if type(body) is not bytes:
             body = bytes(body)
+        if self.chunks:
+            self.chunks.append(body)
+            body = b"".join(self.chunks)
+            self.chunks = []
+        # Until the first byte of the document is here, nothing goes out: a BOM
+        # (RFC 8259 §8.1) or whitespace alone would leave `"data":}` behind.
         if body.startswith(BOM):
             body = body[3:]
-            self.bom_stripped = True
+            self.skipped += len(BOM)
+        elif more and len(body) < len(BOM) and BOM.startswith(body):
+            self.chunks.append(body)  # a BOM's first bytes, perhaps
+            return
+        if body and body[0] in JSON_WHITESPACE:
+            document = body.lstrip(JSON_WHITESPACE)
+            self.skipped += len(body) - len(document)
+            body = document
         if not body:
             if more:
                 return  # nothing to show yet: an empty body must become null
@@ -542,8 +556,8 @@ class _Exchange:
         declared = bytes(declared)  # a bytearray or memoryview, which servers accept
         if not declared.isdigit() or len(declared) > _MAX_LENGTH_DIGITS:
             return None
-        # A stripped BOM was counted in the app's length.
-        return int(declared) + overhead - (3 if self.bom_stripped else 0)
+        # What was dropped from the start was counted in the app's length.
+        return int(declared) + overhead - self.skipped
 
     def _wrapped_start(self, held: Message, content_length: int | None) -> Message:
         headers = self.wrapped_headers

@@ -435,8 +435,17 @@ def test_envelope_rejects_an_invalid_header_name() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b'{"a": ', b"{'a': 1}", b"NaN", b'{"a": 1} trailing', b"   ", b'"\xff"', b'["\\ud800"]', b"[1,]"],
-    ids=["truncated", "single-quotes", "nan", "trailing", "blank", "bad-utf8", "lone-surrogate", "comma"],
+    [b'{"a": ', b"{'a': 1}", b"NaN", b'{"a": 1} trailing', b'"\xff"', b'["\\ud800"]', b"[1,]", b" \x0b "],
+    ids=[
+        "truncated",
+        "single-quotes",
+        "nan",
+        "trailing",
+        "bad-utf8",
+        "lone-surrogate",
+        "comma",
+        "not-json-space",
+    ],
 )
 async def test_envelope_answers_502_for_a_2xx_json_body_that_is_not_json(data: bytes) -> None:
     sent = await call(envelope(scripted(start(200, [JSON]), body(data))))
@@ -1144,6 +1153,45 @@ def test_envelope_property_any_json_body_round_trips_byte_exact(
     assert sent.body == b'{"request_id":"' + request_id.encode() + b'","data":' + data + b"}"
     declared = sent.header("content-length")
     assert declared is None or int(declared) == len(sent.body)
+
+
+json_whitespace = st.text(alphabet=" \t\r\n", max_size=4).map(str.encode)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    value=st.none() | json_values,
+    bom=st.booleans(),
+    lead=json_whitespace,
+    trail=json_whitespace,
+    cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=4),
+    declare_length=st.booleans(),
+    validate_json=st.booleans(),
+)
+def test_envelope_property_bom_and_whitespace_in_any_chunks_give_a_valid_envelope(
+    *,
+    value: Any,
+    bom: bool,
+    lead: bytes,
+    trail: bytes,
+    cuts: list[int],
+    declare_length: bool,
+    validate_json: bool,
+) -> None:
+    # None stands for no document at all: whitespace alone, which reads as an empty body.
+    document = b"" if value is None else json.dumps(value).encode()
+    data = (_http.BOM if bom else b"") + lead + document + trail
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    messages = [body(p, more=True) for p in pieces[:-1]] + [body(pieces[-1])]
+    headers = [JSON, (b"content-length", str(len(data)).encode())] if declare_length else [JSON]
+    sent = drive(envelope(scripted(start(200, headers), *messages), validate_json=validate_json))
+    # json, not orjson: integers past 64 bits are among the values.
+    assert json.loads(sent.body) == {"request_id": sent.header("x-request-id"), "data": value}
+    declared = sent.header("content-length")
+    assert declared is None or int(declared) == len(sent.body)
+    if declare_length or len(pieces) == 1:
+        assert declared is not None
 
 
 @settings(max_examples=150, deadline=None)
