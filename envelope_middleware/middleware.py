@@ -360,11 +360,10 @@ class _Exchange:
         if not 200 <= status <= 599:
             # A final response's status (RFC 9110 §15); the app's bug answers 500.
             raise RuntimeError(f"the app sent an invalid status: {status!r}")
+        # HEAD goes the way of GET: RFC 9110 §9.3.2 asks for the headers a GET would
+        # get, and §8.6 forbids a Content-Length other than the GET's. Starlette sends
+        # the body on HEAD and servers drop it, so the envelope's length is known.
         if self.excluded:
-            mode = _PASS
-        elif self.scope["method"] == "HEAD" and status < 400:
-            # A HEAD success has no body to wrap; its headers pass as they are.
-            # A HEAD error gets the error envelope's headers, like its GET would.
             mode = _PASS
         elif status in (204, 205, 304):
             mode = _BODYLESS
@@ -481,6 +480,7 @@ class _Exchange:
         """Validating mode: the whole body is here; check it, then send it wrapped."""
         if type(body) is not bytes:
             body = bytes(body)  # a bytearray or memoryview, which servers accept
+        received = len(body)
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]
@@ -505,7 +505,7 @@ class _Exchange:
         self.status = held["status"]
         self.complete = True
         send = self.send_downstream
-        await send(self._wrapped_start(held, size))
+        await send(self._wrapped_start(held, None if self._bodiless_head(held, received) else size))
         if size <= _JOIN_LIMIT:
             await send({"type": "http.response.body", "body": b"".join((prefix, body, b"}"))})
         else:
@@ -534,18 +534,31 @@ class _Exchange:
             document = body.lstrip(JSON_WHITESPACE)
             self.skipped += len(body) - len(document)
             body = document
-        if not body:
-            if more:
-                return  # nothing to show yet: an empty body must become null
-            body = b"null"
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         if more:
+            if not body:
+                return  # nothing to show yet: an empty body must become null
             length = self._streamed_length(held, len(prefix) + 1)
             await self._send_start(self._wrapped_start(held, length))
             await self._write((prefix, body), more=True)
-        else:
-            await self._send_start(self._wrapped_start(held, len(prefix) + len(body) + 1))
-            await self._write((prefix, body, b"}"), more=False)
+            return
+        received = self.skipped + len(body)
+        if not body:
+            body = b"null"
+        size = len(prefix) + len(body) + 1
+        await self._send_start(
+            self._wrapped_start(held, None if self._bodiless_head(held, received) else size)
+        )
+        await self._write((prefix, body, b"}"), more=False)
+
+    def _bodiless_head(self, held: Message, received: int) -> bool:
+        # An app that answers HEAD without the body (RFC 9110 §9.3.2 allows it) and
+        # with the GET's Content-Length: the envelope's length is unknown, so none
+        # is sent, which §8.6 allows.
+        if received or self.scope["method"] != "HEAD":
+            return False
+        declared = header_value(held.get("headers") or [], b"content-length")
+        return declared is not None and bytes(declared).strip(b" \t0") != b""
 
     def _streamed_length(self, held: Message, overhead: int) -> int | None:
         # The app's Content-Length, if it gave one, plus the envelope around it;

@@ -180,8 +180,15 @@ def test_demo_head_is_answered_from_the_backend_document_a_get_reads(gateway: An
     get = client.get("/orders", params={"size": 2}, auth=FULL)
     assert head.status_code == 200
     assert head.content == b""
-    # HEAD keeps the app's headers (README): the length of the service's document.
-    assert int(head.headers["content-length"]) == len(orjson.dumps(get.json()["data"]))
+    # The length of the envelope a GET gets (RFC 9110 §8.6).
+    assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+
+
+def test_demo_head_of_a_malformed_backend_document_is_502_like_get(gateway: Any) -> None:
+    client, _ = gateway
+    head = client.head("/orders/ord_garbled", auth=FULL)
+    assert head.status_code == 502
+    assert head.content == b""
 
 
 # -- gateway-side errors --------------------------------------------------------

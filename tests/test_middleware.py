@@ -310,12 +310,48 @@ async def test_envelope_passes_through_what_it_must_not_wrap(
     assert re.fullmatch(HEX_ID, sent.header("x-request-id") or "")
 
 
-async def test_envelope_passes_head_responses_through_with_the_header() -> None:
-    headers = [JSON, (b"content-length", b"7")]
-    sent = await call(envelope(scripted(start(200, headers), body(b""))), "HEAD")
-    assert sent.raw_headers[:-1] == headers
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_head_gets_the_headers_of_the_get_envelope(validate_json: bool) -> None:
+    # As Starlette answers HEAD: the GET's response, body included, which the server drops.
+    data = b'{"orders": [1, 2]}'
+    headers = [JSON, (b"content-length", b"%d" % len(data)), (b"etag", b'"v1"')]
+    app = envelope(scripted(start(200, headers), body(data)), validate_json=validate_json)
+    get, head = await call(app, "GET"), await call(app, "HEAD")
+    request_id = head.header("x-request-id") or ""
+    assert head.status == 200
+    assert head.header("content-length") == str(
+        len(b'{"request_id":"' + request_id.encode() + b'","data":' + data + b"}")
+    )
+    assert head.header("content-length") == get.header("content-length")
+    assert head.header("etag") is None  # a strong validator of the service's bytes (RFC 9110 §8.8.3)
+    assert [name for name, _ in head.raw_headers] == [name for name, _ in get.raw_headers]
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_head_without_its_body_gets_no_content_length(validate_json: bool) -> None:
+    # The app answered HEAD bodiless, with its GET's length: the envelope's is unknown.
+    app = envelope(
+        scripted(start(200, [JSON, (b"content-length", b"7")]), body(b"")), validate_json=validate_json
+    )
+    sent = await call(app, "HEAD")
+    assert sent.status == 200
+    assert sent.header("content-length") is None
+    assert sent.header("content-type") == "application/json"
+    assert re.fullmatch(HEX_ID, sent.header("x-request-id") or "")
+
+
+async def test_envelope_head_of_an_empty_json_body_has_the_length_of_null_data() -> None:
+    app = envelope(scripted(start(200, [JSON, (b"content-length", b"0")]), body(b"")))
+    get, head = await call(app, "GET"), await call(app, "HEAD")
+    assert get.json()["data"] is None
+    assert head.header("content-length") == get.header("content-length") == str(len(get.body))
+
+
+async def test_envelope_head_of_malformed_json_answers_502_like_its_get() -> None:
+    sent = await call(envelope(scripted(start(200, [JSON]), body(b'{"a": '))), "HEAD")
+    assert sent.status == 502
     assert sent.body == b""
-    assert sent.header("x-request-id")
+    assert int(sent.header("content-length") or 0) > 0
 
 
 @pytest.mark.parametrize("status", [204, 205, 304])
@@ -1153,6 +1189,28 @@ def test_envelope_property_any_json_body_round_trips_byte_exact(
     assert sent.body == b'{"request_id":"' + request_id.encode() + b'","data":' + data + b"}"
     declared = sent.header("content-length")
     assert declared is None or int(declared) == len(sent.body)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    status=st.sampled_from([200, 201, 203, 204, 206, 301, 304, 400, 404, 409, 422, 429, 500, 503]),
+    content_type=st.sampled_from(
+        [b"application/json", b"application/problem+json", b"text/plain", b"text/html"]
+    ),
+    data=st.binary(max_size=100) | json_values.map(lambda v: json.dumps(v).encode()),
+    validate_json=st.booleans(),
+)
+def test_envelope_property_head_answers_the_headers_a_get_would(
+    status: int, content_type: bytes, data: bytes, validate_json: bool
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(data))]
+    app = envelope(scripted(start(status, headers), body(data)), validate_json=validate_json)
+    get, head = drive(app, "GET"), drive(app, "HEAD")
+    assert head.status == get.status
+    # Every id has the same length, so every header but the id's is the same.
+    assert [p for p in head.raw_headers if p[0] != b"x-request-id"] == [
+        p for p in get.raw_headers if p[0] != b"x-request-id"
+    ]
 
 
 json_whitespace = st.text(alphabet=" \t\r\n", max_size=4).map(str.encode)

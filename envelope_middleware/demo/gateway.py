@@ -138,8 +138,7 @@ def _validated_query(request: Request, *, filters: tuple[str, ...] = ()) -> dict
 async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Response:
     client: httpx2.AsyncClient = request.app.state.clients[api.backend]
     # A HEAD is asked of the backend as a GET, so the gateway answers it from the
-    # document a GET would get (RFC 9110 §9.3.2). The middleware does not check a
-    # HEAD success's body: a garbled document is HEAD 200 where GET says 502.
+    # document a GET would get (RFC 9110 §9.3.2), and the middleware checks it.
     method = "GET" if request.method == "HEAD" else request.method
     try:
         # The bound covers in-process backends too, which no socket timeout reaches.
