@@ -118,7 +118,11 @@ class ErrorPolicy:
         code, message, details = _read_error_body(content_type, body, status)
         if code is not None:
             code = code.lower()
-            if code not in self._allowed:
+            spec = self._catalogue.get(code)
+            if code not in self._allowed or (spec is not None and spec.status // 100 != status // 100):
+                # A client error's code on a server error, or the reverse, tells the
+                # partner the wrong thing about retrying (a 500 `rate_limited` with no
+                # Retry-After): the status decides, as for an unknown code.
                 code = None
         if code is None:
             code = self.fallback_code(status, has_credentials=has_credentials)

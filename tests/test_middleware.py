@@ -706,6 +706,25 @@ async def test_envelope_keeps_a_known_code_from_a_5xx_body_but_not_its_message()
     assert "node-3" not in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("status", "service_code", "code"),
+    [
+        (500, "rate_limited", "internal"),
+        (503, "request_invalid", "service_unavailable"),
+        (404, "downstream_timeout", "resource_not_found"),
+        (400, "internal", "request_invalid"),
+        # Within its class a service's catalogue code stands: it knows more than the status.
+        (409, "state_invalid_transition", "state_invalid_transition"),
+        (502, "downstream_timeout", "downstream_timeout"),
+    ],
+)
+async def test_envelope_keeps_a_service_code_only_in_the_class_of_its_status(
+    status: int, service_code: str, code: str
+) -> None:
+    data = orjson.dumps({"error": {"code": service_code, "message": "m"}})
+    assert_error(await call(envelope(scripted(start(status, [JSON]), body(data)))), status, code)
+
+
 async def test_envelope_uses_short_plain_text_of_a_4xx_as_message() -> None:
     sent = await call(
         envelope(scripted(start(400, [(b"content-type", b"text/plain")]), body(b"size must be <= 100")))
