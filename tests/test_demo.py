@@ -287,14 +287,51 @@ def test_demo_archived_item_is_state_invalid_transition(gateway: Any) -> None:
     assert error["details"] == {"item_id": ARCHIVED_ITEM_EVERY, "from": "archived"}
 
 
-def test_demo_unknown_item_problem_json_is_resource_not_found(gateway: Any) -> None:
+@pytest.mark.parametrize("item_id", ["9999", "abc", "1" * 13])
+def test_demo_unknown_item_is_resource_unmapped(gateway: Any, item_id: str) -> None:
+    # The brands service answers problem+json for 9999; the others never reach it.
     client, _ = gateway
     error = error_of(
-        client.patch("/items/9999/availability", json={"available": True}, auth=FULL),
+        client.patch(f"/items/{item_id}/availability", json={"available": True}, auth=FULL),
         404,
-        "resource_not_found",
+        "resource_unmapped",
     )
-    assert error["message"] == "No menu item 9999"
+    assert error["details"] == {"item_id": item_id}
+
+
+def test_demo_two_authorization_headers_are_auth_missing(gateway: Any) -> None:
+    client, recorders = gateway
+    good = "Basic " + base64.b64encode(b"%s:%s" % (FULL[0].encode(), FULL[1].encode())).decode()
+    bad = "Basic " + base64.b64encode(b"foo:bar").decode()
+    for pair in ([good, bad], [bad, good], [good, good]):
+        response = client.get("/orders", headers=[("authorization", value) for value in pair])
+        error_of(response, 401, "auth_missing")
+    assert recorders["orders"].seen == []
+
+
+@pytest.mark.parametrize("mode", ["in-process", "real-http"])
+def test_demo_backend_cookies_do_not_follow_other_partners(mode: str) -> None:
+    cookies_seen: list[str | None] = []
+
+    async def orders(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        cookies_seen.append(headers[b"cookie"].decode() if b"cookie" in headers else None)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [JSON_TYPE, (b"set-cookie", b"affinity=node-3; Path=/")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"orders": []}'})
+
+    with ExitStack() as stack:
+        target: Any = orders if mode == "in-process" else stack.enter_context(serve(orders))
+        app = create_gateway({**create_backends(), "orders": target}, access_log=False)
+        client = stack.enter_context(TestClient(app))
+        for auth in (FULL, READ_ONLY):
+            check_envelope(client.get("/orders", auth=auth))
+    assert cookies_seen == [None, None]
 
 
 def test_demo_plain_text_500_leaks_nothing(gateway: Any) -> None:
@@ -478,7 +515,7 @@ def test_demo_huge_numbers_are_client_errors_not_crashes(gateway: Any) -> None:
     client, recorders = gateway
     error_of(client.get("/orders", params={"page": "1" * 5000}, auth=FULL), 400, "request_invalid")
     response = client.patch("/items/" + "1" * 5000 + "/availability", json={"available": True}, auth=FULL)
-    error_of(response, 404, "resource_not_found")
+    error_of(response, 404, "resource_unmapped")
     assert recorders["brands"].seen == []
 
 

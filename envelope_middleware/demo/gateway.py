@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import http.cookiejar
 import logging
 import re
 import sys
@@ -25,6 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from envelope_middleware import (
+    DEFAULT_CATALOGUE,
     ApiError,
     AuthForbidden,
     AuthInvalidCredential,
@@ -33,6 +35,7 @@ from envelope_middleware import (
     DownstreamTimeout,
     DownstreamUnavailable,
     EnvelopeMiddleware,
+    ErrorSpec,
     RequestInvalid,
     ResourceNotFound,
     async_request_id_hook,
@@ -49,6 +52,8 @@ MAX_BODY_BYTES = 16 * 1024  # a write body here is a few fields; more is refused
 # The backend refused the gateway's own access: nothing the partner sent or can fix.
 _REFUSED_GATEWAY = frozenset({401, 403, 407})
 _logger = structlog.get_logger("envelope_middleware.demo")
+# The partner API's code for an availability call naming an unknown item (partner-api-facts.md).
+CATALOGUE = DEFAULT_CATALOGUE.extend([ErrorSpec("resource_unmapped", 404, "No menu item has this id.")])
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 
 
@@ -78,9 +83,14 @@ class _Api:
 
 
 def _authorize(request: Request, credentials: Mapping[str, Credential], scope: str) -> Credential:
-    header = request.headers.get("authorization")
-    if header is None:
+    headers = request.headers.getlist("authorization")
+    if not headers:
         raise AuthMissing("Send HTTP Basic credentials: partner_key:secret_key.", headers=_REALM)
+    if len(headers) > 1:
+        # Which one counts would depend on who reads them: a proxy in front may
+        # have checked the other one (issue #3 review).
+        raise AuthMissing("Send one Authorization header.", headers=_REALM)
+    header = headers[0]
     kind, _, encoded = header.partition(" ")
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
@@ -195,6 +205,12 @@ async def _availability(request: Request) -> bool:
     return available
 
 
+def _unmapped(item_id: str) -> ApiError:
+    return ApiError(
+        "resource_unmapped", "No menu item has this id.", status=404, details={"item_id": item_id}
+    )
+
+
 def _body_too_large() -> ApiError:
     return ApiError(
         "request_invalid",
@@ -258,11 +274,16 @@ def create_gateway(
         # Checked here, not by a route converter: Starlette's int converter
         # fails with a 500 on numbers past int()'s digit limit.
         if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 12):
-            raise ResourceNotFound("No menu item has this id.")
+            raise _unmapped(item_id)
         # Only the field this route changes goes on: whatever else a partner
         # sends (a business_id above all) is not theirs to set.
         available = await _availability(request)
-        return await _forward(request, items, f"/items/{item_id}/availability", json={"available": available})
+        response = await _forward(
+            request, items, f"/items/{item_id}/availability", json={"available": available}
+        )
+        if response.status_code == 404:
+            raise _unmapped(item_id)  # the brands service's 404 here: no such item
+        return response
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -272,13 +293,15 @@ def create_gateway(
         clients: dict[str, httpx2.AsyncClient] = {}
         for name, target in backends.items():
             hooks = {"request": [async_request_id_hook]}
+            # One client serves every partner: a cookie a backend sets must not
+            # ride along on the next partner's requests (issue #3 review), and
+            # the environment's proxies and .netrc are not the backends' concern.
+            shared: dict[str, Any] = {"event_hooks": hooks, "cookies": _refusing_jar(), "trust_env": False}
             if isinstance(target, str):
-                clients[name] = httpx2.AsyncClient(base_url=target, timeout=timeout, event_hooks=hooks)
+                clients[name] = httpx2.AsyncClient(base_url=target, timeout=timeout, **shared)
             else:
                 transport = httpx2.ASGITransport(app=target)
-                clients[name] = httpx2.AsyncClient(
-                    transport=transport, base_url=f"http://{name}", event_hooks=hooks
-                )
+                clients[name] = httpx2.AsyncClient(transport=transport, base_url=f"http://{name}", **shared)
         app.state.clients = clients
         app.state.timeout = timeout
         try:
@@ -300,6 +323,7 @@ def create_gateway(
             Middleware(
                 EnvelopeMiddleware,
                 request_id_format=request_id_format,
+                catalogue=CATALOGUE,
                 exclude_paths=["/health"],
                 validate_json=validate_json,
                 access_log=access_log,
@@ -311,6 +335,11 @@ def create_gateway(
     # Location is built from the client's Host header.
     gateway.router.redirect_slashes = False
     return gateway
+
+
+def _refusing_jar() -> http.cookiejar.CookieJar:
+    # No domain is allowed, so no cookie is ever stored or sent.
+    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 def configure_logging(level: int = logging.INFO) -> None:
