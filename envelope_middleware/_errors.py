@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from starlette.exceptions import HTTPException
 
-from envelope_middleware._http import is_json_media_type
+from envelope_middleware._http import BOM, is_json_media_type
 from envelope_middleware._validation import (
     VALIDATION_MESSAGE,
     is_validation_error_list,
@@ -256,6 +256,8 @@ def _read_error_body(
     content_type: bytes | None, body: bytes, status: int
 ) -> tuple[str | None, str | None, dict[str, Any] | None]:
     """Find (code, message, details) in the error shapes services commonly send."""
+    # A BOM is no part of a document (RFC 8259 §8.1) or of a message; orjson refuses it.
+    body = body.removeprefix(BOM)
     if not body or content_type is None:
         return None, None, None
     if is_json_media_type(content_type):

@@ -76,13 +76,18 @@ _json_media: dict[bytes, bool] = {}
 _JSON_MEDIA_CACHE_SIZE = 256
 
 
+# RFC 8259's media type, and the unregistered ones services still label JSON with.
+_JSON_MEDIA = frozenset({b"application/json", b"text/json", b"application/x-json", b"text/x-json"})
+
+
 def is_json_media_type(content_type: bytes) -> bool:
-    """`application/json` or any `+json` suffix (RFC 6839), any case, parameters ignored."""
+    """JSON's media type, its old aliases (`text/json`, `x-json`) or any `+json`
+    suffix (RFC 6839), any case, parameters ignored."""
     cached = _json_media.get(content_type)
     if cached is not None:
         return cached
     media = content_type.partition(b";")[0].strip().lower()
-    result = media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+    result = media in _JSON_MEDIA or (media.startswith(b"application/") and media.endswith(b"+json"))
     # A bounded cache: content types come from the app, not from clients, so
     # there are few; the bound only guards against an app that varies them.
     if len(_json_media) < _JSON_MEDIA_CACHE_SIZE:

@@ -186,7 +186,7 @@ class EnvelopeMiddleware:
             scope["state"] = state = {}
         state["request_id"] = request_id
 
-        exchange = _Exchange(self, scope, send, request_id)
+        exchange = _Exchange(self, scope, receive, send, request_id)
         if self.excluded_paths and self.is_excluded(scope):
             # Decided now: a router further in (Starlette's Mount) rewrites
             # scope["root_path"] before the app responds.
@@ -203,7 +203,7 @@ class EnvelopeMiddleware:
         started = time.perf_counter() if self.access_log else 0.0
         try:
             try:
-                await self.app(scope, receive, exchange.send)
+                await self.app(scope, exchange.receive, exchange.send)
             except Exception as exc:
                 if not await exchange.fail(exc):
                     raise
@@ -294,19 +294,30 @@ class _Exchange:
     bytes_sent = 0
     downstream_started = False
     complete = False
+    disconnected = False  # the app was told the client left
     skipped = 0  # bytes dropped from the start of a streamed body: BOM, whitespace
     excluded = False
     wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
 
-    def __init__(self, mw: EnvelopeMiddleware, scope: Scope, send: Send, request_id: str) -> None:
+    def __init__(
+        self, mw: EnvelopeMiddleware, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
         self.mw = mw
         self.scope = scope
+        self.receive_upstream = receive
         self.send_downstream = send
         self.request_id_str = request_id
         self.request_id = request_id.encode("ascii")
         self.chunks: list[bytes] = []
 
-    # -- messages from the app -----------------------------------------------
+    # -- messages to and from the app ----------------------------------------
+
+    async def receive(self) -> Message:
+        """The `receive` the app is given: it notes a client that left."""
+        message = await self.receive_upstream()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
 
     def send(self, message: Message) -> Awaitable[None]:
         """The `send` the app is given; returns what to await for `message`.
@@ -403,8 +414,10 @@ class _Exchange:
                 elif lowered == b"etag" and pair[1].startswith(b"W/"):
                     # A weak validator still holds for the same data in an envelope (RFC 9110 §8.8.1).
                     kept.append(pair)
-            elif lowered == b"content-encoding" and pair[1].lower() != b"identity":
-                return _PASS
+            elif lowered == b"content-encoding":
+                if pair[1].strip().lower() not in (b"", b"identity"):
+                    return _PASS  # coded bytes cannot be spliced
+                # No coding at all: nothing the envelope's bytes need said of them.
             else:
                 kept.append(pair)
         if content_type is None or not is_json_media_type(content_type):
@@ -552,13 +565,13 @@ class _Exchange:
         await self._write((prefix, body, b"}"), more=False)
 
     def _bodiless_head(self, held: Message, received: int) -> bool:
-        # An app that answers HEAD without the body (RFC 9110 §9.3.2 allows it) and
-        # with the GET's Content-Length: the envelope's length is unknown, so none
-        # is sent, which §8.6 allows.
+        # An app that answers HEAD without the body (RFC 9110 §9.3.2 allows it): unless
+        # it says the GET's body is empty too (Content-Length: 0), the envelope's
+        # length is unknown, so none is sent, which §8.6 allows.
         if received or self.scope["method"] != "HEAD":
             return False
         declared = header_value(held.get("headers") or [], b"content-length")
-        return declared is not None and bytes(declared).strip(b" \t0") != b""
+        return declared is None or bytes(declared).strip(b" \t0") != b""
 
     def _streamed_length(self, held: Message, overhead: int) -> int | None:
         # The app's Content-Length, if it gave one, plus the envelope around it;
@@ -618,6 +631,11 @@ class _Exchange:
         """Answer for an exception from the app; False when it is too late to answer."""
         mw = self.mw
         request_id = self.request_id_str
+        if self.disconnected:
+            # Most likely the app failing to write to a client that left: no one to
+            # answer, and not a server error in anyone's metrics.
+            mw.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
+            return True
         if self.downstream_started:
             # Bytes are out: a second start is impossible and a clean end would
             # pass a truncated body off as whole, so the server must abort.
@@ -641,6 +659,10 @@ class _Exchange:
     async def finish(self) -> None:
         """The app returned without completing its response."""
         request_id = self.request_id_str
+        if self.disconnected:
+            # Starlette's StreamingResponse stops this way when the client leaves.
+            self.mw.logger.warning("client_disconnected", request_id=request_id)
+            return
         if self.downstream_started:
             # The server sees an unfinished response and closes the connection.
             self.mw.logger.error("app_returned_mid_response", request_id=request_id)

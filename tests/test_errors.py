@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -214,6 +214,18 @@ async def test_errors_a_client_disconnect_mid_body_is_not_a_server_error(logs: A
         sent.messages.append(message)
 
     await EnvelopeMiddleware(app)(make_scope("POST", "/orders"), gone, record)
+    # The middleware saw the disconnect go by: there is no one to answer.
+    assert sent.messages == []
+    [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
+    assert (left["log_level"], type(left["exc_info"])) == ("warning", ClientDisconnect)
+    assert [e for e in logs.entries if e["log_level"] == "error"] == []
+
+
+async def test_errors_a_client_disconnect_the_middleware_did_not_see_is_a_400(logs: Any) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ClientDisconnect  # as an inner layer that read the body itself would
+
+    sent = await call(EnvelopeMiddleware(app), "POST", "/orders")
     assert (sent.status, sent.json()["error"]["code"]) == (400, "request_invalid")
     assert [e["log_level"] for e in logs.entries if e["event"] == "mapped_exception"] == ["warning"]
 

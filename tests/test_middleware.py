@@ -102,6 +102,9 @@ async def test_envelope_keeps_body_bytes_exact_that_a_decode_would_change(valida
         b"application/vnd.partner+json",
         b"application/problem+json",
         b" application/json ;charset=UTF-8",
+        b"text/json",
+        b"application/x-json",
+        b"Text/X-JSON; charset=utf-8",
     ],
 )
 async def test_envelope_recognises_json_content_types(content_type: bytes) -> None:
@@ -199,10 +202,12 @@ async def test_envelope_trusted_mode_streams_a_large_first_chunk_without_copying
     assert sent.json()["data"] == [7] * 1_100_001
 
 
-async def test_envelope_wraps_identity_encoded_json() -> None:
-    headers = [(b"content-encoding", b"identity"), JSON]
+@pytest.mark.parametrize("coding", [b"identity", b"Identity ", b""])
+async def test_envelope_wraps_json_whose_content_encoding_names_no_coding(coding: bytes) -> None:
+    headers = [(b"content-encoding", coding), JSON]
     sent = await call(envelope(scripted(start(200, headers), body(b"[1]"))))
     assert sent.json()["data"] == [1]
+    assert sent.header("content-encoding") is None  # RFC 9110 §8.4.1: identity is not sent
 
 
 async def test_envelope_body_up_to_two_mib_goes_out_in_one_message() -> None:
@@ -328,11 +333,12 @@ async def test_envelope_head_gets_the_headers_of_the_get_envelope(validate_json:
 
 
 @pytest.mark.parametrize("validate_json", [True, False])
-async def test_envelope_head_without_its_body_gets_no_content_length(validate_json: bool) -> None:
-    # The app answered HEAD bodiless, with its GET's length: the envelope's is unknown.
-    app = envelope(
-        scripted(start(200, [JSON, (b"content-length", b"7")]), body(b"")), validate_json=validate_json
-    )
+@pytest.mark.parametrize("declared", [[(b"content-length", b"7")], []], ids=["its-get-length", "no-length"])
+async def test_envelope_head_without_its_body_gets_no_content_length(
+    validate_json: bool, declared: list[tuple[bytes, bytes]]
+) -> None:
+    # The app answered HEAD bodiless: the envelope's length is unknown.
+    app = envelope(scripted(start(200, [JSON, *declared]), body(b"")), validate_json=validate_json)
     sent = await call(app, "HEAD")
     assert sent.status == 200
     assert sent.header("content-length") is None
@@ -671,11 +677,19 @@ async def test_envelope_reads_the_common_service_error_shapes(
     assert error["details"] == details
 
 
-async def test_envelope_keeps_an_allowlisted_service_code() -> None:
-    payload = orjson.dumps({"error": {"code": "resource_unmapped", "message": "SKU 9 unknown"}})
+@pytest.mark.parametrize("bom", [b"", _http.BOM])
+async def test_envelope_keeps_an_allowlisted_service_code(bom: bytes) -> None:
+    payload = bom + orjson.dumps({"error": {"code": "resource_unmapped", "message": "SKU 9 unknown"}})
     app = envelope(scripted(start(404, [JSON]), body(payload)), allowed_codes=["resource_unmapped"])
     error = assert_error(await call(app), 404, "resource_unmapped")
     assert error["message"] == "SKU 9 unknown"
+
+
+async def test_envelope_reads_a_plain_text_message_without_its_bom() -> None:
+    app = envelope(
+        scripted(start(400, [(b"content-type", b"text/plain")]), body(_http.BOM + b"size too big"))
+    )
+    assert assert_error(await call(app), 400, "request_invalid")["message"] == "size too big"
 
 
 @pytest.mark.parametrize(
@@ -977,6 +991,73 @@ async def test_envelope_logs_when_the_app_returns_mid_response(logs: Any) -> Non
     )
     assert not sent.complete
     assert any(e["event"] == "app_returned_mid_response" for e in logs.entries)
+
+
+async def leave_during(app: Any) -> Sent:
+    """Call `app` as uvicorn does (ASGI spec 2.3) for a client that leaves after 50 ms."""
+    scope = make_scope()
+    scope["asgi"]["spec_version"] = "2.3"  # Starlette's StreamingResponse then listens for the disconnect
+    delivered = False
+    sent = Sent()
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.messages.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("media_type", "validate_json", "status"),
+    [("application/json", True, None), ("application/json", False, 200), ("text/event-stream", True, 200)],
+    ids=["validating", "trusted", "passing"],
+)
+async def test_envelope_a_client_leaving_a_stream_is_not_a_server_error(
+    logs: Any, media_type: str, validate_json: bool, status: int | None
+) -> None:
+    async def slow(request: Request) -> Response:
+        async def chunks() -> Any:
+            for index in range(100):
+                yield b"[%d," % index
+                await asyncio.sleep(0.01)
+
+        return StreamingResponse(chunks(), media_type=media_type)
+
+    app = Starlette(
+        routes=[Route("/", slow)], middleware=[Middleware(EnvelopeMiddleware, validate_json=validate_json)]
+    )
+    sent = await leave_during(app)
+    assert not sent.complete
+    assert [m["status"] for m in sent.messages if m["type"] == "http.response.start"] == (
+        [] if status is None else [status]
+    )
+    assert [e for e in logs.entries if e["log_level"] == "error"] == []
+    [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert left["log_level"] == "warning"
+    assert left["request_id"] == access["request_id"]
+    assert (access["status"], access["error_code"]) == (status, None)
+
+
+async def test_envelope_an_exception_after_the_client_left_answers_nobody(logs: Any) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        raise OSError("write to a closed connection")
+
+    sent = await leave_during(envelope(app))
+    assert sent.messages == []
+    [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
+    assert left["log_level"] == "warning"
+    assert isinstance(left["exc_info"], OSError)
 
 
 async def test_envelope_answers_500_when_the_app_starts_twice_before_any_byte_is_out() -> None:

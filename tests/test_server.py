@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx2
 import pytest
@@ -46,15 +49,25 @@ async def breaks_midway(request: Request) -> Response:
     return StreamingResponse(chunks(), media_type="text/plain")
 
 
-def make_app(*, validate_json: bool) -> Starlette:
+async def slow(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(200):
+            yield b"[%d," % i
+            await asyncio.sleep(0.01)
+
+    return StreamingResponse(chunks(), media_type="application/json")
+
+
+def make_app(*, validate_json: bool, access_log: bool = False) -> Starlette:
     return Starlette(
         routes=[
             Route("/ok", ok),
             Route("/missing", missing),
             Route("/stream", stream),
             Route("/breaks", breaks_midway),
+            Route("/slow", slow),
         ],
-        middleware=[Middleware(EnvelopeMiddleware, validate_json=validate_json, access_log=False)],
+        middleware=[Middleware(EnvelopeMiddleware, validate_json=validate_json, access_log=access_log)],
     )
 
 
@@ -77,6 +90,7 @@ def test_server_serves_envelopes_over_real_http(validate_json: bool) -> None:
         head = client.head("/ok")
         assert head.status_code == 200
         assert len(head.headers["x-request-id"]) == 32
+        assert head.headers["content-length"] == ok_response.headers["content-length"]
         head_missing = client.head("/missing")
         assert head_missing.status_code == 404
         assert head_missing.headers["content-type"] == "application/json"
@@ -88,3 +102,20 @@ def test_server_aborts_a_response_that_fails_after_bytes_are_out() -> None:
             client.get("/breaks")
         # The server is still healthy for the next request.
         assert client.get("/ok").status_code == 200
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+def test_server_a_client_that_leaves_is_no_server_error(logs: Any, validate_json: bool) -> None:
+    with serve(make_app(validate_json=validate_json, access_log=True)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+            time.sleep(0.2)  # the partner's client gives up mid-stream
+        deadline = time.monotonic() + 5
+        while not any(e["event"] == "http_request" for e in logs.entries) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert left["request_id"] == access["request_id"]
+    assert access["status"] == (None if validate_json else 200)
+    assert [e for e in logs.entries if e["log_level"] == "error"] == []
