@@ -315,7 +315,9 @@ class _Exchange:
     async def receive(self) -> Message:
         """The `receive` the app is given: it notes a client that left."""
         message = await self.receive_upstream()
-        if message["type"] == "http.disconnect":
+        # Servers also say so once a response is complete: only a client that left
+        # before the end is one (an exception from a background task is still the app's).
+        if message["type"] == "http.disconnect" and not self.complete:
             self.disconnected = True
         return message
 

@@ -1047,6 +1047,24 @@ async def test_envelope_a_client_leaving_a_stream_is_not_a_server_error(
     assert (access["status"], access["error_code"]) == (status, None)
 
 
+async def test_envelope_a_disconnect_after_the_response_hides_no_later_exception(logs: Any) -> None:
+    # Servers answer `receive` with http.disconnect once a response is complete;
+    # a background task failing after that is the app's error, not a client leaving.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send(start(200, [JSON]))
+        await send(body(b"{}"))
+        assert (await receive())["type"] == "http.disconnect"
+        raise RuntimeError("background task failed")
+
+    with pytest.raises(RuntimeError, match="background task"):
+        await call(envelope(app))
+    assert [e["event"] for e in logs.entries if e["log_level"] == "error"] == [
+        "exception_after_response_started"
+    ]
+    assert not any(e["event"] == "client_disconnected" for e in logs.entries)
+
+
 async def test_envelope_an_exception_after_the_client_left_answers_nobody(logs: Any) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         while (await receive())["type"] != "http.disconnect":
