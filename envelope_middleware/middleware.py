@@ -520,7 +520,7 @@ class _Exchange:
         self.status = held["status"]
         self.complete = True
         send = self.send_downstream
-        await send(self._wrapped_start(held, None if self._bodiless_head(held, received) else size))
+        await send(self._wrapped_start(held, size if received else self._length_of_nothing(held, size)))
         if size <= _JOIN_LIMIT:
             await send({"type": "http.response.body", "body": b"".join((prefix, body, b"}"))})
         else:
@@ -561,19 +561,19 @@ class _Exchange:
         if not body:
             body = b"null"
         size = len(prefix) + len(body) + 1
-        await self._send_start(
-            self._wrapped_start(held, None if self._bodiless_head(held, received) else size)
-        )
+        length = size if received else self._length_of_nothing(held, size)
+        await self._send_start(self._wrapped_start(held, length))
         await self._write((prefix, body, b"}"), more=False)
 
-    def _bodiless_head(self, held: Message, received: int) -> bool:
-        # An app that answers HEAD without the body (RFC 9110 §9.3.2 allows it): unless
-        # it says the GET's body is empty too (Content-Length: 0), the envelope's
-        # length is unknown, so none is sent, which §8.6 allows.
-        if received or self.scope["method"] != "HEAD":
-            return False
+    def _length_of_nothing(self, held: Message, size: int) -> int | None:
+        """The Content-Length for an app that sent no body: `size`, that of `"data":null`."""
+        if self.scope["method"] != "HEAD":
+            return size
+        # A HEAD answered without the body (RFC 9110 §9.3.2 allows it): unless the app
+        # says the GET's body is empty too (Content-Length: 0), the envelope's length
+        # is unknown, so none is sent, which §8.6 allows.
         declared = header_value(held.get("headers") or [], b"content-length")
-        return declared is None or bytes(declared).strip(b" \t0") != b""
+        return size if declared is not None and bytes(declared).strip(b" \t0") == b"" else None
 
     def _streamed_length(self, held: Message, overhead: int) -> int | None:
         # The app's Content-Length, if it gave one, plus the envelope around it;
