@@ -78,7 +78,7 @@ class ErrorPolicy:
         catalogue: Catalogue,
         *,
         allowed_codes: Iterable[str],
-        exception_codes: Mapping[type[BaseException] | str, str],
+        exception_codes: Mapping[Any, str],
     ) -> None:
         missing = _REQUIRED_CODES - set(catalogue)
         if missing:
@@ -98,8 +98,10 @@ class ErrorPolicy:
                 raise ValueError(f"exception {key!r} maps to {code!r}, which is not in the catalogue")
             if isinstance(key, str):
                 by_name[key] = catalogue[code]
-            else:
+            elif isinstance(key, type) and issubclass(key, BaseException):
                 by_type[key] = catalogue[code]
+            else:
+                raise TypeError(f"exception_codes keys are exception types or 'module.QualName', not {key!r}")
         self._by_type = by_type
         self._by_name = by_name
         self._mapped: dict[type[BaseException], ErrorSpec | None] = {}

@@ -20,6 +20,11 @@ def is_valid_code(code: object) -> bool:
     return isinstance(code, str) and _CODE.fullmatch(code) is not None
 
 
+def _is_error_status(status: object) -> bool:
+    # bool is an int, and 404.0 compares equal to 404: neither is a status line's number.
+    return type(status) is int and 400 <= status <= 599
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorSpec:
     """One error code: its HTTP status, default message and whether a retry may succeed."""
@@ -32,8 +37,10 @@ class ErrorSpec:
     def __post_init__(self) -> None:
         if not is_valid_code(self.code):
             raise ValueError(f"error code must be lower_snake_case, at most 64 chars: {self.code!r}")
-        if not 400 <= self.status <= 599:
-            raise ValueError(f"error status must be 4xx or 5xx, not {self.status!r}")
+        if not _is_error_status(self.status):
+            raise ValueError(f"error status must be an int from 400 to 599, not {self.status!r}")
+        if not isinstance(self.message, str) or not self.message:
+            raise ValueError(f"an error's default message is a non-empty str, not {self.message!r}")
 
 
 class Catalogue(Mapping[str, ErrorSpec]):
@@ -58,8 +65,16 @@ class Catalogue(Mapping[str, ErrorSpec]):
             by_code[spec.code] = spec
             by_status.setdefault(spec.status, spec)
         for status, code in (status_defaults or {}).items():
+            if not _is_error_status(status):
+                raise ValueError(f"a status default is for an int status from 400 to 599, not {status!r}")
             if code not in by_code:
                 raise ValueError(f"status default {status} names an unknown code {code!r}")
+            if by_code[code].status // 100 != status // 100:
+                # A server error answered with a client error's code, or the reverse,
+                # misleads the partner about whose fault it is and whether to retry.
+                raise ValueError(
+                    f"status default {status} names {code!r}, a {by_code[code].status} code of another class"
+                )
             by_status[status] = by_code[code]
         for required in ("request_invalid", "internal"):
             if required not in by_code:

@@ -34,7 +34,7 @@ import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, ErrorSpec, is_valid_code
 
@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 
+Headers: TypeAlias = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
 class ApiError(Exception):
     """An error with a stable code, answered as `{"request_id", "error": {...}}`.
 
@@ -73,7 +76,7 @@ class ApiError(Exception):
         *,
         status: int,
         details: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        headers: Headers | None = None,
     ) -> None:
         if not is_valid_code(code):
             raise ValueError(f"error code must be lower_snake_case, at most 64 chars: {code!r}")
@@ -97,16 +100,34 @@ class ApiError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, status={self.status})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own calls type(self)(*self.args), which this signature refuses:
+        # rebuilt from its attributes instead, so errors cross process pools and queues.
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[ApiError], args: tuple[Any, ...]) -> ApiError:
+    error = cls.__new__(cls)
+    error.args = args
+    return error
+
 
 class _CatalogueError(ApiError):
     spec: ClassVar[ErrorSpec]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__doc__" not in cls.__dict__ or cls.__doc__ is None:
+            # help() tells the code a class answers with, not ApiError's signature.
+            spec = cls.spec
+            cls.__doc__ = f"{spec.status} `{spec.code}`: {spec.message}"
 
     def __init__(
         self,
         message: str | None = None,
         *,
         details: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
     ) -> None:
         spec = self.spec
         super().__init__(
@@ -165,10 +186,13 @@ class RateLimited(_CatalogueError):
         *,
         retry_after: float | datetime | None = None,
         details: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
     ) -> None:
         merged_headers = dict(headers or {})
         merged_details = dict(details or {})
+        if retry_after is not None:
+            # retry_after wins over a Retry-After among the headers, whatever its case.
+            merged_headers = {k: v for k, v in merged_headers.items() if k.lower() != "retry-after"}
         if isinstance(retry_after, datetime):
             # RFC 9110 §10.2.3: Retry-After is an HTTP-date or delay-seconds.
             if retry_after.tzinfo is None:

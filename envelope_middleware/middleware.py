@@ -121,7 +121,9 @@ class EnvelopeMiddleware:
         exclude_paths: Iterable[str] = (),
         catalogue: Catalogue = DEFAULT_CATALOGUE,
         allowed_codes: Iterable[str] = (),
-        exception_codes: Mapping[type[BaseException] | str, str] | None = None,
+        # Any: Mapping's keys are invariant, so a dict[type[MyError], str] would not
+        # type-check as Mapping[type[BaseException] | str, str]; keys are checked at start.
+        exception_codes: Mapping[Any, str] | None = None,
         access_log: bool = True,
         bind_contextvars: bool = True,
         logger: Any = None,

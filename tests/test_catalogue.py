@@ -71,7 +71,15 @@ def test_catalogue_extend_adds_codes_and_overrides_status_defaults() -> None:
     ("make", "match"),
     [
         (lambda: ErrorSpec("Not-Snake", 400, "m"), "lower_snake_case"),
-        (lambda: ErrorSpec("fine", 200, "m"), "4xx or 5xx"),
+        (lambda: ErrorSpec("fine", 200, "m"), "400 to 599"),
+        (lambda: ErrorSpec("fine", 404.0, "m"), "400 to 599"),  # type: ignore[arg-type]
+        (lambda: ErrorSpec("fine", status=True, message="m"), "400 to 599"),
+        (lambda: ErrorSpec("fine", 404, None), "non-empty str"),  # type: ignore[arg-type]
+        (lambda: ErrorSpec("fine", 404, ""), "non-empty str"),
+        (lambda: DEFAULT_CATALOGUE.extend(status_defaults={409: "internal"}), "another class"),
+        (lambda: DEFAULT_CATALOGUE.extend(status_defaults={503: "request_invalid"}), "another class"),
+        (lambda: DEFAULT_CATALOGUE.extend(status_defaults={"409": "request_invalid"}), "int status"),  # type: ignore[dict-item]
+        (lambda: DEFAULT_CATALOGUE.extend(status_defaults={200: "request_invalid"}), "int status"),
         (lambda: Catalogue([ErrorSpec("internal", 500, "m")]), "request_invalid"),
         (lambda: DEFAULT_CATALOGUE.extend([ErrorSpec("internal", 500, "again")]), "twice"),
         (lambda: DEFAULT_CATALOGUE.extend(status_defaults={409: "nope"}), "unknown code"),

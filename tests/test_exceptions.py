@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -96,6 +97,41 @@ def test_exceptions_api_error_refuses_a_message_or_details_the_envelope_cannot_c
 ) -> None:
     with pytest.raises(TypeError, match=match):
         ApiError("bad_input", message, status=400, details=details)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ApiError("teapot", "short and stout", status=418, details={"pot": 1}, headers=[("X-Tea", "1")]),
+        ResourceNotFound("No order 9", details={"order_id": 9}),
+        RateLimited(retry_after=5),
+    ],
+    ids=repr,
+)
+def test_exceptions_survive_a_pickle_round_trip(error: ApiError) -> None:
+    # Process pools and task queues pickle exceptions; Exception's own way calls
+    # type(error)(*error.args), which an ApiError's signature refuses.
+    copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
+    assert type(copy) is type(error)
+    assert (copy.code, copy.message, copy.status, copy.details, copy.headers) == (
+        error.code,
+        error.message,
+        error.status,
+        error.details,
+        error.headers,
+    )
+    assert str(copy) == str(error)
+
+
+def test_exceptions_rate_limited_retry_after_replaces_a_header_of_any_case() -> None:
+    error = RateLimited(retry_after=5, headers=[("retry-after", "60"), ("X-RateLimit-Limit", "100")])
+    assert dict(error.headers) == {"Retry-After": "5", "X-RateLimit-Limit": "100"}
+
+
+@pytest.mark.parametrize("cls", catalogue_classes(), ids=lambda cls: cls.__name__)
+def test_exceptions_catalogue_classes_say_their_code_in_help(cls: type[_CatalogueError]) -> None:
+    assert cls.__doc__ is not None
+    assert f"`{cls.spec.code}`" in cls.__doc__
 
 
 def test_exceptions_api_error_reads_headers_given_as_pairs() -> None:

@@ -168,6 +168,15 @@ async def test_logging_stdlib_records_get_the_request_id(caplog: pytest.LogCaptu
     assert records["after the request"].request_id is None  # type: ignore[attr-defined]
 
 
+def test_logging_request_id_filter_keeps_an_id_given_with_the_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("worker").warning("job done", extra={"request_id": "job-42"})
+    assert caplog.records[0].request_id == "job-42"  # type: ignore[attr-defined]
+
+
 async def test_logging_through_structlog_stdlib_integration(caplog: pytest.LogCaptureFixture) -> None:
     structlog.configure(
         processors=[

@@ -914,6 +914,19 @@ async def test_envelope_maps_exceptions_by_type_and_name_along_the_mro() -> None
     assert_error(await call(by_name), 503, "service_unavailable")
 
 
+async def test_envelope_takes_exception_codes_typed_as_the_user_builds_them() -> None:
+    # mypy --strict runs on this file: a dict of one exception type must type-check.
+    codes: dict[type[LookupError], str] = {LookupError: "resource_not_found"}
+    app = EnvelopeMiddleware(raising(KeyError("k")), access_log=False, exception_codes=codes)
+    assert_error(await call(app), 404, "resource_not_found")
+
+
+@pytest.mark.parametrize("key", [42, None, ValueError()])
+def test_envelope_refuses_exception_codes_keyed_by_what_is_no_exception_type(key: object) -> None:
+    with pytest.raises(TypeError, match="exception types"):
+        EnvelopeMiddleware(scripted(), exception_codes={key: "internal"})
+
+
 def test_envelope_rejects_exception_codes_outside_the_catalogue() -> None:
     with pytest.raises(ValueError, match="not in the catalogue"):
         EnvelopeMiddleware(scripted(), exception_codes={ValueError: "no_such_code"})
