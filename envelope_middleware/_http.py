@@ -72,6 +72,13 @@ SERVER_ERROR_HEADERS = frozenset(
 BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = b" \t\n\r"  # RFC 8259 §2
 
+
+def is_blank(body: bytes) -> bool:
+    """Whether `body` holds no JSON at all: nothing, or whitespace alone."""
+    # The first byte decides for almost every body, without copying it.
+    return not body or (body[0] in JSON_WHITESPACE and not body.lstrip(JSON_WHITESPACE))
+
+
 _json_media: dict[bytes, bool] = {}
 _JSON_MEDIA_CACHE_SIZE = 256
 

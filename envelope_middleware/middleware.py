@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 import structlog
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars as structlog_bind
 from structlog.contextvars import reset_contextvars
@@ -18,11 +19,11 @@ from envelope_middleware._errors import ERROR_BODY_LIMIT, ErrorPolicy, Failure
 from envelope_middleware._http import (
     BODY_HEADERS,
     BOM,
-    JSON_WHITESPACE,
     SERVER_ERROR_HEADERS,
     WRAPPED_BODY_HEADERS,
     RawHeaders,
     header_value,
+    is_blank,
     is_json_media_type,
     json_error,
 )
@@ -89,7 +90,8 @@ class EnvelopeMiddleware:
         trust_request_id: reuse a valid incoming id instead of making one.
         validate_json: check that a 2xx JSON body is JSON before wrapping it
             (the default); an invalid one becomes 502 `downstream_invalid_response`.
-            With False, bodies stream through without being held.
+            With False, bodies stream through without being held (apart from a BOM's
+            bytes, and leading whitespace when the app gave a Content-Length).
         max_validated_size: in validating mode, how much of a body sent in several
             messages is held for the check: once more than this many bytes are
             held (the message that crosses the limit included), the body streams on
@@ -297,7 +299,8 @@ class _Exchange:
     downstream_started = False
     complete = False
     disconnected = False  # the app was told the client left
-    skipped = 0  # bytes dropped from the start of a streamed body: BOM, whitespace
+    skipped = 0  # bytes held back from the start of a streamed body: a BOM, whitespace
+    awaiting_document = False  # a streamed body has shown only whitespace so far
     excluded = False
     wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
 
@@ -376,8 +379,9 @@ class _Exchange:
             # A final response's status (RFC 9110 §15); the app's bug answers 500.
             raise RuntimeError(f"the app sent an invalid status: {status!r}")
         # HEAD goes the way of GET: RFC 9110 §9.3.2 asks for the headers a GET would
-        # get, and §8.6 forbids a Content-Length other than the GET's. Starlette sends
-        # the body on HEAD and servers drop it, so the envelope's length is known.
+        # get, and §8.6 forbids a Content-Length other than the GET's. Starlette's
+        # responses but FileResponse send the body on HEAD (servers drop it), so the
+        # envelope's length is known; without a body, _length_of_nothing decides.
         if self.excluded:
             mode = _PASS
         elif status in (204, 205, 304):
@@ -436,7 +440,13 @@ class _Exchange:
         held = self.start
         if held is None:
             if mode == _WRAP_STREAM:
-                await self._write((body, b"}") if not more else (body,), more=more)
+                end = b"}"
+                if self.awaiting_document:
+                    if not is_blank(body):
+                        self.awaiting_document = False
+                    else:
+                        end = b"null}"  # whitespace alone: an empty body, `null`
+                await self._write((body, end) if not more else (body,), more=more)
             elif mode == _BODYLESS:
                 self.complete = not more
                 await self.send_downstream({"type": "http.response.body", "body": b"", "more_body": more})
@@ -502,7 +512,7 @@ class _Exchange:
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]
         if body and (problem := json_error(body)) is not None:
-            if body.strip(JSON_WHITESPACE):
+            if not is_blank(body):
                 # The body may hold anything: its size and the parser's reason are logged, not it.
                 self.mw.logger.warning(
                     "downstream_invalid_json",
@@ -539,28 +549,31 @@ class _Exchange:
             self.chunks.append(body)
             body = b"".join(self.chunks)
             self.chunks = []
-        # Until the first byte of the document is here, nothing goes out: a BOM
-        # (RFC 8259 §8.1) or whitespace alone would leave `"data":}` behind.
+        # A BOM (RFC 8259 §8.1) inside the envelope would make it invalid: dropped,
+        # however the messages split it.
         if body.startswith(BOM):
             body = body[3:]
             self.skipped += len(BOM)
         elif more and len(body) < len(BOM) and BOM.startswith(body):
             self.chunks.append(body)  # a BOM's first bytes, perhaps
             return
-        if body and body[0] in JSON_WHITESPACE:
-            document = body.lstrip(JSON_WHITESPACE)
-            self.skipped += len(body) - len(document)
-            body = document
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         if more:
-            if not body:
-                return  # nothing to show yet: an empty body must become null
             length = self._streamed_length(held, len(prefix) + 1)
+            if is_blank(body):
+                if length is not None or not body:
+                    # Nothing to show yet; if the body stays empty it becomes `null`,
+                    # which a declared length has no room for.
+                    self.skipped += len(body)
+                    return
+                # Whitespace on an unframed stream goes out now (it may be a keep-alive
+                # of a long poll); a `null` can still follow it.
+                self.awaiting_document = True
             await self._send_start(self._wrapped_start(held, length))
             await self._write((prefix, body), more=True)
             return
         received = self.skipped + len(body)
-        if not body:
+        if is_blank(body):
             body = b"null"
         size = len(prefix) + len(body) + 1
         length = size if received else self._length_of_nothing(held, size)
@@ -635,9 +648,8 @@ class _Exchange:
         """Answer for an exception from the app; False when it is too late to answer."""
         mw = self.mw
         request_id = self.request_id_str
-        if self.disconnected:
-            # Most likely the app failing to write to a client that left: no one to
-            # answer, and not a server error in anyone's metrics.
+        if self._client_left(exc):
+            # No one to answer, and no server error in anyone's metrics.
             mw.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
             return True
         if self.downstream_started:
@@ -659,6 +671,15 @@ class _Exchange:
         self.chunks = []
         await self._send_error(failure, [])
         return True
+
+    def _client_left(self, exc: Exception) -> bool:
+        # The app failing to write to a client that left: ASGI 2.4 servers raise
+        # OSError from `send`, which Starlette's responses turn into ClientDisconnect.
+        # Anything else, even after a disconnect (a background task's bug), is still
+        # the app's error.
+        if self.disconnected:
+            return isinstance(exc, OSError | ClientDisconnect)
+        return self.downstream_started and isinstance(exc, ClientDisconnect)
 
     async def finish(self) -> None:
         """The app returned without completing its response."""

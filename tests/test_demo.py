@@ -379,6 +379,22 @@ def test_demo_unreachable_backend_is_downstream_unavailable() -> None:
     assert str(port) not in error["message"]
 
 
+def test_demo_backend_calls_ignore_the_environments_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    # A proxy setting meant for something else on the host: backends are reached directly.
+    monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with serve(create_backends()["orders"]) as url:
+        backends: dict[str, Any] = {**create_backends(), "orders": url}
+        with TestClient(create_gateway(backends, access_log=False)) as client:
+            response = client.get("/orders", params={"size": 1}, auth=FULL)
+    assert len(check_envelope(response)["data"]["orders"]) == 1
+
+
 def test_demo_gateway_requires_all_three_backends() -> None:
     with pytest.raises(ValueError, match="brands"):
         create_gateway({"orders": "http://a", "branches": "http://b"})

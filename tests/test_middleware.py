@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import (
     HTMLResponse,
     JSONResponse,
@@ -134,6 +134,38 @@ async def test_envelope_strips_a_utf8_bom_that_would_break_the_envelope(validate
     assert sent.json()["data"] == {"a": "é"}
     declared = sent.header("content-length")
     assert declared is None or declared == str(len(sent.body))
+
+
+async def test_envelope_trusted_mode_sends_leading_whitespace_of_an_unframed_stream_at_once() -> None:
+    # A long poll's keep-alive spaces reach the client while the document is awaited.
+    seen: list[Message] = []
+    document_sent = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start(200, [JSON]))
+        await send(body(b" ", more=True))
+        assert [m["type"] for m in seen] == ["http.response.start", "http.response.body"]
+        await send(body(b"\n", more=True))
+        document_sent.set()
+        await send(body(b'{"done": true}'))
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError  # pragma: no cover
+
+    async def send(message: Message) -> None:
+        seen.append(message)
+
+    await envelope(app, validate_json=False)(make_scope(), receive, send)
+    sent = Sent(seen)
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"done": True}}
+    assert sent.header("content-length") is None
+
+
+async def test_envelope_trusted_mode_ends_a_stream_of_whitespace_alone_with_null() -> None:
+    app = scripted(start(200, [JSON]), body(b" ", more=True), body(b"\t", more=True), body(b"\r\n"))
+    sent = await call(envelope(app, validate_json=False))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": None}
 
 
 async def test_envelope_validating_mode_joins_chunks_and_sends_one_content_length() -> None:
@@ -685,6 +717,16 @@ async def test_envelope_keeps_an_allowlisted_service_code(bom: bytes) -> None:
     assert error["message"] == "SKU 9 unknown"
 
 
+@pytest.mark.parametrize("content_type", [b"text/json", b"application/x-json"])
+async def test_envelope_reads_error_bodies_labelled_with_json_aliases(content_type: bytes) -> None:
+    payload = orjson.dumps({"error": {"code": "resource_unmapped", "message": "SKU 9 unknown"}})
+    app = envelope(
+        scripted(start(404, [(b"content-type", content_type)]), body(payload)),
+        allowed_codes=["resource_unmapped"],
+    )
+    assert assert_error(await call(app), 404, "resource_unmapped")["message"] == "SKU 9 unknown"
+
+
 async def test_envelope_reads_a_plain_text_message_without_its_bom() -> None:
     app = envelope(
         scripted(start(400, [(b"content-type", b"text/plain")]), body(_http.BOM + b"size too big"))
@@ -1058,6 +1100,53 @@ async def test_envelope_a_client_leaving_a_stream_is_not_a_server_error(
     assert left["log_level"] == "warning"
     assert left["request_id"] == access["request_id"]
     assert (access["status"], access["error_code"]) == (status, None)
+
+
+async def test_envelope_a_bug_after_the_client_left_is_still_an_error(logs: Any) -> None:
+    # Starlette runs a response's background task even after the client left.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send(start(200, [(b"content-type", b"text/plain")]))
+        await send(body(b"part", more=True))
+        assert (await receive())["type"] == "http.disconnect"
+        raise KeyError("audit")
+
+    with pytest.raises(KeyError):
+        await leave_during(envelope(app))
+    assert [e["event"] for e in logs.entries if e["log_level"] == "error"] == [
+        "exception_after_response_started"
+    ]
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_a_send_that_fails_for_a_client_that_left_is_a_warning(
+    logs: Any, validate_json: bool
+) -> None:
+    # ASGI 2.4 servers raise OSError from send instead of reporting a disconnect;
+    # Starlette's StreamingResponse turns it into ClientDisconnect.
+    async def stream(request: Request) -> Response:
+        async def chunks() -> Any:
+            yield b"[1,"
+            yield b"2]"
+
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    app = Starlette(
+        routes=[Route("/", stream)],
+        middleware=[Middleware(EnvelopeMiddleware, validate_json=validate_json, access_log=False)],
+    )
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("connection reset by peer")
+
+    await app(make_scope(), receive, send)  # not raised: no one is there to be told
+    [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
+    assert isinstance(left["exc_info"], ClientDisconnect)
+    assert [e for e in logs.entries if e["log_level"] == "error"] == []
 
 
 async def test_envelope_a_disconnect_after_the_response_hides_no_later_exception(logs: Any) -> None:
