@@ -136,32 +136,6 @@ async def test_envelope_strips_a_utf8_bom_that_would_break_the_envelope(validate
     assert declared is None or declared == str(len(sent.body))
 
 
-async def test_envelope_trusted_mode_sends_leading_whitespace_of_an_unframed_stream_at_once() -> None:
-    # A long poll's keep-alive spaces reach the client while the document is awaited.
-    seen: list[Message] = []
-    document_sent = asyncio.Event()
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send(start(200, [JSON]))
-        await send(body(b" ", more=True))
-        assert [m["type"] for m in seen] == ["http.response.start", "http.response.body"]
-        await send(body(b"\n", more=True))
-        document_sent.set()
-        await send(body(b'{"done": true}'))
-
-    async def receive() -> Message:
-        await asyncio.Event().wait()
-        raise AssertionError  # pragma: no cover
-
-    async def send(message: Message) -> None:
-        seen.append(message)
-
-    await envelope(app, validate_json=False)(make_scope(), receive, send)
-    sent = Sent(seen)
-    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"done": True}}
-    assert sent.header("content-length") is None
-
-
 async def test_envelope_trusted_mode_ends_a_stream_of_whitespace_alone_with_null() -> None:
     app = scripted(start(200, [JSON]), body(b" ", more=True), body(b"\t", more=True), body(b"\r\n"))
     sent = await call(envelope(app, validate_json=False))
@@ -176,17 +150,28 @@ async def test_envelope_validating_mode_joins_chunks_and_sends_one_content_lengt
     assert sent.header_values("content-length") == [str(len(sent.body))]
 
 
-async def test_envelope_trusted_mode_streams_chunks_without_holding_them() -> None:
+@pytest.mark.parametrize(
+    ("first", "rest", "data"),
+    [
+        (b'{"results": [1', b", 2]}", {"results": [1, 2]}),
+        # A long poll's keep-alive space reaches the client while the document is awaited.
+        (b" ", b'{"done": true}', {"done": True}),
+    ],
+    ids=["document", "keep-alive"],
+)
+async def test_envelope_trusted_mode_streams_chunks_without_holding_them(
+    first: bytes, rest: bytes, data: Any
+) -> None:
     seen_by_client: list[bytes] = []
     second_chunk_sent = asyncio.Event()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send(start(200, [JSON]))
-        await send(body(b'{"results": [1', more=True))
+        await send(body(first, more=True))
         # The client has the first chunk before the app produces the second.
-        assert seen_by_client[-1].endswith(b'{"results": [1')
+        assert seen_by_client[-1].endswith(first)
         second_chunk_sent.set()
-        await send(body(b", 2]}", more=False))
+        await send(body(rest, more=False))
 
     async def receive() -> Message:
         await asyncio.Event().wait()
@@ -202,7 +187,7 @@ async def test_envelope_trusted_mode_streams_chunks_without_holding_them() -> No
     await envelope(app, validate_json=False)(_scope(), receive, send)
     sent = Sent(messages)
     assert second_chunk_sent.is_set()
-    assert sent.json()["data"] == {"results": [1, 2]}
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": data}
     assert sent.header("content-length") is None  # unknown length: the server frames it
 
 
