@@ -299,6 +299,7 @@ class _Exchange:
     downstream_started = False
     complete = False
     disconnected = False  # the app was told the client left
+    send_failed = False  # the server's send raised OSError: the client is gone (ASGI 2.4)
     skipped = 0  # bytes held back from the start of a streamed body: a BOM, whitespace
     awaiting_document = False  # a streamed body has shown only whitespace so far
     excluded = False
@@ -442,6 +443,8 @@ class _Exchange:
             if mode == _WRAP_STREAM:
                 end = b"}"
                 if self.awaiting_document:
+                    if type(body) is not bytes:
+                        body = bytes(body)  # a bytearray or memoryview, which servers accept
                     if not is_blank(body):
                         self.awaiting_document = False
                     else:
@@ -532,14 +535,18 @@ class _Exchange:
         self.status = held["status"]
         self.complete = True
         send = self.send_downstream
-        await send(self._wrapped_start(held, size if received else self._length_of_nothing(held, size)))
-        if size <= _JOIN_LIMIT:
-            await send({"type": "http.response.body", "body": b"".join((prefix, body, b"}"))})
-        else:
-            # Large: the body goes out as it is rather than copied into one buffer.
-            await send({"type": "http.response.body", "body": prefix, "more_body": True})
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send({"type": "http.response.body", "body": b"}"})
+        try:
+            await send(self._wrapped_start(held, size if received else self._length_of_nothing(held, size)))
+            if size <= _JOIN_LIMIT:
+                await send({"type": "http.response.body", "body": b"".join((prefix, body, b"}"))})
+            else:
+                # Large: the body goes out as it is rather than copied into one buffer.
+                await send({"type": "http.response.body", "body": prefix, "more_body": True})
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                await send({"type": "http.response.body", "body": b"}"})
+        except OSError:
+            self.send_failed = True
+            raise
         self.bytes_sent = size  # counted once the server took it: the access log's figure
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
@@ -673,13 +680,15 @@ class _Exchange:
         return True
 
     def _client_left(self, exc: Exception) -> bool:
-        # The app failing to write to a client that left: ASGI 2.4 servers raise
-        # OSError from `send`, which Starlette's responses turn into ClientDisconnect.
-        # Anything else, even after a disconnect (a background task's bug), is still
-        # the app's error.
-        if self.disconnected:
+        # The app failing to read from or write to a client that left: ASGI 2.4
+        # servers raise OSError from a `send` (which Starlette's StreamingResponse
+        # turns into ClientDisconnect), and Starlette raises ClientDisconnect from a
+        # `receive` that said so. Anything else, even after a disconnect (a background
+        # task's bug, the app's own OSError), is still the app's error.
+        exc = _unwrap(exc)
+        if self.send_failed:
             return isinstance(exc, OSError | ClientDisconnect)
-        return self.downstream_started and isinstance(exc, ClientDisconnect)
+        return self.disconnected and isinstance(exc, ClientDisconnect)
 
     async def finish(self) -> None:
         """The app returned without completing its response."""
@@ -720,19 +729,29 @@ class _Exchange:
         self.start = None
         self.downstream_started = True
         self.status = message["status"]
-        await self.send_downstream(message)
+        try:
+            await self.send_downstream(message)
+        except OSError:
+            self.send_failed = True
+            raise
 
     async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
         size = sum(map(len, parts))
         self.complete = not more
         send = self.send_downstream
-        if size <= _JOIN_LIMIT or len(parts) == 1:
-            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": more})
-        else:
-            # Large: the parts go out as they are rather than copied into one buffer.
-            last = len(parts) - 1
-            for index, part in enumerate(parts):
-                await send({"type": "http.response.body", "body": part, "more_body": more or index < last})
+        try:
+            if size <= _JOIN_LIMIT or len(parts) == 1:
+                await send({"type": "http.response.body", "body": b"".join(parts), "more_body": more})
+            else:
+                # Large: the parts go out as they are rather than copied into one buffer.
+                last = len(parts) - 1
+                for index, part in enumerate(parts):
+                    await send(
+                        {"type": "http.response.body", "body": part, "more_body": more or index < last}
+                    )
+        except OSError:
+            self.send_failed = True
+            raise
         self.bytes_sent += size
 
     def _has_credentials(self) -> bool:

@@ -1103,9 +1103,17 @@ async def test_envelope_a_bug_after_the_client_left_is_still_an_error(logs: Any)
     ]
 
 
-@pytest.mark.parametrize("validate_json", [True, False])
+@pytest.mark.parametrize(
+    ("media_type", "validate_json", "failing"),
+    [
+        ("application/json", True, "http.response.body"),
+        ("application/json", False, "http.response.body"),
+        ("text/plain", True, "http.response.start"),
+    ],
+    ids=["validating", "trusted", "passing-start"],
+)
 async def test_envelope_a_send_that_fails_for_a_client_that_left_is_a_warning(
-    logs: Any, validate_json: bool
+    logs: Any, media_type: str, validate_json: bool, failing: str
 ) -> None:
     # ASGI 2.4 servers raise OSError from send instead of reporting a disconnect;
     # Starlette's StreamingResponse turns it into ClientDisconnect.
@@ -1114,7 +1122,7 @@ async def test_envelope_a_send_that_fails_for_a_client_that_left_is_a_warning(
             yield b"[1,"
             yield b"2]"
 
-        return StreamingResponse(chunks(), media_type="application/json")
+        return StreamingResponse(chunks(), media_type=media_type)
 
     app = Starlette(
         routes=[Route("/", stream)],
@@ -1125,7 +1133,7 @@ async def test_envelope_a_send_that_fails_for_a_client_that_left_is_a_warning(
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: Message) -> None:
-        if message["type"] == "http.response.body":
+        if message["type"] == failing:
             raise OSError("connection reset by peer")
 
     await app(make_scope(), receive, send)  # not raised: no one is there to be told
@@ -1152,17 +1160,36 @@ async def test_envelope_a_disconnect_after_the_response_hides_no_later_exception
     assert not any(e["event"] == "client_disconnected" for e in logs.entries)
 
 
-async def test_envelope_an_exception_after_the_client_left_answers_nobody(logs: Any) -> None:
+async def test_envelope_a_client_disconnect_after_the_client_left_answers_nobody(logs: Any) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        raise OSError("write to a closed connection")
+        raise ClientDisconnect  # as Starlette raises it from a read that met the disconnect
 
     sent = await leave_during(envelope(app))
     assert sent.messages == []
     [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
     assert left["log_level"] == "warning"
-    assert isinstance(left["exc_info"], OSError)
+    assert isinstance(left["exc_info"], ClientDisconnect)
+
+
+async def test_envelope_the_apps_own_os_error_after_the_client_left_is_still_its_error(logs: Any) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        raise FileNotFoundError("/srv/exports/orders.json")
+
+    assert_error(await leave_during(envelope(app)), 500, "internal")
+    assert [e["event"] for e in logs.entries if e["log_level"] == "error"] == ["unhandled_exception"]
+    assert not any(e["event"] == "client_disconnected" for e in logs.entries)
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_a_memoryview_after_a_keep_alive_space_streams_on(validate_json: bool) -> None:
+    # Starlette's StreamingResponse passes memoryview chunks on as they are.
+    app = scripted(start(200, [JSON]), body(b" ", more=True), {**body(b""), "body": memoryview(b" 1")})
+    sent = await call(envelope(app, validate_json=validate_json))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": 1}
 
 
 async def test_envelope_answers_500_when_the_app_starts_twice_before_any_byte_is_out() -> None:
