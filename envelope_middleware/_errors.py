@@ -155,7 +155,11 @@ class ErrorPolicy:
     def from_exception(self, exc: Exception, *, has_credentials: bool) -> Failure:
         """Describe the error response for an exception raised by the app."""
         if isinstance(exc, ApiError):
-            return Failure(exc.status, exc.code, exc.message, exc.details, _as_headers(exc.headers))
+            message = exc.message
+            if exc.default_message and (spec := self._catalogue.get(exc.code)) is not None:
+                # A catalogue class raised without a message says what this catalogue says.
+                message = spec.message
+            return Failure(exc.status, exc.code, message, exc.details, _as_headers(exc.headers))
         if isinstance(exc, HTTPException) and 400 <= exc.status_code <= 599:
             code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
             detail = _clean_message(exc.detail) if exc.status_code < 500 else None

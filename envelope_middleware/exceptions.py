@@ -20,7 +20,8 @@ Hierarchy:
   + DownstreamTimeout                  504 downstream_timeout
 
 Every catalogue class takes `(message=None, *, details=None, headers=None)`;
-its code, status and default message come from `DEFAULT_CATALOGUE`.
+its code, status and default message come from `DEFAULT_CATALOGUE`. Raised
+without a message, it answers with the message of the middleware's catalogue.
 A gateway's own codes are plain `ApiError`s, or subclasses it writes the same way.
 
 `ApiError` deliberately does not subclass Starlette's `HTTPException`: the
@@ -68,6 +69,8 @@ class ApiError(Exception):
     `details` is a JSON object of per-error facts; `headers` are added to the
     response (for example `Retry-After` or `WWW-Authenticate`).
     """
+
+    default_message = False  # raised without a message: the catalogue's is used
 
     def __init__(
         self,
@@ -137,6 +140,8 @@ class _CatalogueError(ApiError):
             details=details,
             headers=headers,
         )
+        # The middleware's catalogue may word this code differently from the default one.
+        self.default_message = message is None
 
 
 class RequestInvalid(_CatalogueError):

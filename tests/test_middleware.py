@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket
 from envelope_middleware import (
     DEFAULT_CATALOGUE,
     ApiError,
+    Catalogue,
     EnvelopeMiddleware,
     ErrorSpec,
     RateLimited,
@@ -1502,6 +1503,19 @@ def test_envelope_property_any_error_status_gives_a_valid_error_envelope(
     if status >= 500:
         assert error["message"] == DEFAULT_CATALOGUE[code].message
         assert error["details"] == {}
+
+
+@pytest.mark.parametrize(("message", "expected"), [(None, "Nothing here."), ("No order 9", "No order 9")])
+async def test_envelope_catalogue_classes_speak_the_middlewares_catalogue(
+    message: str | None, expected: str
+) -> None:
+    reworded = {"resource_not_found": "Nothing here."}
+    catalogue = Catalogue(
+        ErrorSpec(s.code, s.status, reworded.get(s.code, s.message), s.retryable)
+        for s in DEFAULT_CATALOGUE.values()
+    )
+    sent = await call(envelope(raising(ResourceNotFound(message)), catalogue=catalogue))
+    assert assert_error(sent, 404, "resource_not_found")["message"] == expected
 
 
 def test_envelope_catalogue_extension_gives_a_gateway_its_own_codes() -> None:
