@@ -5,7 +5,7 @@ per repetition, and each gets the same fixed-time wrk run. Reported per stack
 and size: requests/s, p50 and p99 latency (medians over repetitions), peak RSS
 of the server, and the ratio of requests/s to the bare app's.
 
-    python benchmarks/load.py                        # all stacks and sizes, ~10 minutes
+    python benchmarks/load.py                        # all stacks and sizes, ~20 minutes
     python benchmarks/load.py --duration 3 --repeats 1 --sizes 200B   # a quick look
     python benchmarks/load.py --workers 2
 
