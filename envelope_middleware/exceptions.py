@@ -120,7 +120,7 @@ class _CatalogueError(ApiError):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "__doc__" not in cls.__dict__ or cls.__doc__ is None:
+        if cls.__dict__.get("__doc__") is None:
             # help() tells the code a class answers with, not ApiError's signature.
             spec = cls.spec
             cls.__doc__ = f"{spec.status} `{spec.code}`: {spec.message}"
