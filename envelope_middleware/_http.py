@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import msgspec
@@ -68,6 +69,20 @@ SERVER_ERROR_HEADERS = frozenset(
         b"referrer-policy",
     }
 )
+
+# RFC 9110 §10.2.3: Retry-After is delay-seconds or an HTTP-date, which senders
+# write as IMF-fixdate (§5.6.7). Anything else a service sends there is not a
+# hint a client can act on, and may name hosts ("soon; host=db-1.internal").
+_RETRY_AFTER = re.compile(
+    rb"[ \t]*(?:[0-9]+|(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} "
+    rb"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT)[ \t]*"
+)
+
+
+def is_retry_after(value: bytes) -> bool:
+    """Whether `value` is a Retry-After a client can act on: seconds, or an IMF-fixdate."""
+    return _RETRY_AFTER.fullmatch(value) is not None
+
 
 BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = b" \t\n\r"  # RFC 8259 §2

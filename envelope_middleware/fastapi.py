@@ -12,27 +12,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from envelope_middleware._validation import VALIDATION_MESSAGE, validation_error_details
-from envelope_middleware.catalogue import DEFAULT_CATALOGUE
+from envelope_middleware.exceptions import RequestInvalid
+from envelope_middleware.handlers import hand_over, install_exception_handlers
 
 __all__ = ["install_fastapi_handlers", "validation_error_details"]
 
-_SPEC = DEFAULT_CATALOGUE["request_invalid"]
 
-
-async def _request_validation_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def _request_validation_handler(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    # The contract's own error shape: the envelope middleware keeps its code,
-    # message and details as they are, and adds the request id.
-    content = {
-        "error": {
-            "code": _SPEC.code,
-            "message": VALIDATION_MESSAGE,
-            "details": validation_error_details(errors),
-        }
-    }
-    return JSONResponse(content, status_code=_SPEC.status)
+    error = RequestInvalid(VALIDATION_MESSAGE, details=validation_error_details(errors))
+    # Handed to the envelope middleware as an exception: its details reach the
+    # client whatever their size (a response body is read up to 64 KiB).
+    hand_over(request, error)
+    # What the client gets without the middleware: the contract's own error shape.
+    content = {"error": {"code": error.code, "message": error.message, "details": error.details}}
+    return JSONResponse(content, status_code=error.status)
 
 
 def install_fastapi_handlers(app: FastAPI) -> None:
-    """Make `app` answer request validation errors the contract's way."""
+    """Make `app` answer request validation errors the contract's way.
+
+    Also installs `install_exception_handlers`, so that a FastAPI app mounted
+    as a sub-app keeps the codes of its exceptions.
+    """
+    install_exception_handlers(app)
     app.add_exception_handler(RequestValidationError, _request_validation_handler)

@@ -25,6 +25,7 @@ from envelope_middleware._http import (
     header_value,
     is_blank,
     is_json_media_type,
+    is_retry_after,
     json_error,
 )
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
@@ -36,11 +37,14 @@ from envelope_middleware.request_id import (
     resolve_generator,
 )
 
-__all__ = ["SCOPE_KEY", "EnvelopeMiddleware"]
+__all__ = ["HANDED_OVER_KEY", "SCOPE_KEY", "EnvelopeMiddleware"]
 
 # Set on the scope of every request the middleware handles; a second instance
 # further in sees it and steps aside, so a double mount gives one envelope.
 SCOPE_KEY = "envelope_middleware.request_id"
+# Where `envelope_middleware.handlers` leaves an exception, in the request's state,
+# for the middleware to answer for when the app's stand-in error response arrives.
+HANDED_OVER_KEY = "envelope_middleware.exception"
 
 # Up to this size, prefix, body and suffix are joined into one message. The copy
 # costs ~40 us at 1 MB in process, but each extra message is an extra write on
@@ -303,6 +307,7 @@ class _Exchange:
     skipped = 0  # bytes held back from the start of a streamed body: a BOM, whitespace
     awaiting_document = False  # a streamed body has shown only whitespace so far
     excluded = False
+    answered: Exception | None = None  # an exception a handler handed over, answered for
     wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
 
     def __init__(
@@ -620,6 +625,12 @@ class _Exchange:
     # -- errors --------------------------------------------------------------
 
     async def _send_error_from_response(self, held: Message) -> None:
+        state = self.scope.get("state")
+        handed_over = state.pop(HANDED_OVER_KEY, None) if isinstance(state, dict) else None
+        if isinstance(handed_over, Exception):
+            # A handler's stand-in (envelope_middleware.handlers): the exception decides.
+            await self._answer(handed_over)
+            return
         headers = _as_bytes(held.get("headers") or [])
         kept_body = b"".join(self.chunks)
         self.chunks = []
@@ -649,6 +660,8 @@ class _Exchange:
         else:
             drop = self.mw.error_drop
             kept = [pair for pair in headers if pair[0].lower() not in drop]
+        # Kept for the client to act on, so only in a form it can act on.
+        kept = [pair for pair in kept if pair[0].lower() != b"retry-after" or is_retry_after(pair[1])]
         await self._send_error(failure, kept)
 
     async def fail(self, exc: Exception) -> bool:
@@ -659,12 +672,29 @@ class _Exchange:
             # No one to answer, and no server error in anyone's metrics.
             mw.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
             return True
+        if self.answered is not None and _unwrap(exc) is self.answered:
+            # Handed over, answered for and logged; re-raised by the sub-app's
+            # ServerErrorMiddleware, as it re-raises whatever it handled.
+            return True
         if self.downstream_started:
-            # Bytes are out: a second start is impossible and a clean end would
-            # pass a truncated body off as whole, so the server must abort.
-            mw.logger.error("exception_after_response_started", request_id=request_id, exc_info=exc)
-            return False
-        failure = mw.errors.from_exception(_unwrap(exc), has_credentials=self._has_credentials())
+            # A response cut short must not pass for whole: the server aborts it.
+            # A complete one stands; aborting it would only close the connection.
+            mw.logger.error(
+                "exception_after_response_started",
+                request_id=request_id,
+                response_complete=self.complete,
+                exc_info=exc,
+            )
+            return self.complete
+        await self._answer(exc)
+        return True
+
+    async def _answer(self, exc: Exception) -> None:
+        """Answer for `exc`, whatever the app had begun to send, as nothing has gone out yet."""
+        mw = self.mw
+        request_id = self.request_id_str
+        self.answered = raised = _unwrap(exc)
+        failure = mw.errors.from_exception(raised, has_credentials=self._has_credentials())
         # The client gets a generic message; the log gets the exception, with the id.
         if failure.log == "error":
             mw.logger.error(
@@ -677,7 +707,6 @@ class _Exchange:
         self.start = None
         self.chunks = []
         await self._send_error(failure, [])
-        return True
 
     def _client_left(self, exc: Exception) -> bool:
         # The app failing to read from or write to a client that left: ASGI 2.4

@@ -496,6 +496,19 @@ def test_demo_cli_serves_the_gateway_over_real_http(extra: list[str]) -> None:
                 assert time.monotonic() < deadline, "the demo did not start"
                 time.sleep(0.2)
         assert response.json()["data"]["orders"][0]["id"] == "ord_00001"
+        # The gateway has no WebSocket routes: a request asking to upgrade is
+        # answered as plain HTTP, under the contract, not refused with a bare 403.
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+        refused = httpx2.get(f"http://127.0.0.1:{port}/orders", headers=upgrade)
+        error = error_of(refused, 401, "auth_missing")
+        assert error["message"]
+        answered = httpx2.get(f"http://127.0.0.1:{port}/orders?size=1", headers=upgrade, auth=FULL)
+        assert check_envelope(answered)["data"]["orders"][0]["id"] == "ord_00001"
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
@@ -613,3 +626,40 @@ def test_demo_availability_body_is_bounded_and_only_its_field_is_forwarded() -> 
     headers = [(b"authorization", b"Basic " + credentials), (b"content-length", b"9" * 5000)]
     sent = asyncio.run(call(create_gateway(backends), "PATCH", "/items/3/availability", headers))
     assert (sent.status, sent.json()["error"]["code"]) == (413, "request_invalid")
+
+
+def test_demo_a_content_length_with_leading_zeros_is_its_number(gateway: Any) -> None:
+    # RFC 9110 §8.6: 1*DIGIT, leading zeros included; the count is what decides.
+    client, _ = gateway
+    change = b'{"available": true}'
+    declared = "0" * 12 + str(len(change))  # h11, the client here, sends at most 20 digits
+    response = client.patch(
+        "/items/3/availability", content=change, headers={"content-length": declared}, auth=FULL
+    )
+    assert check_envelope(response)["data"]["status"] == "available"
+    big = b" " * 16_385
+    declared = "0" * 12 + str(len(big))
+    response = client.patch(
+        "/items/3/availability", content=big, headers={"content-length": declared}, auth=FULL
+    )
+    error_of(response, 413, "request_invalid")
+
+
+def test_demo_paging_numbers_may_have_leading_zeros(gateway: Any) -> None:
+    client, _ = gateway
+    response = client.get("/orders", params={"page": "0" * 30 + "2", "size": "005"}, auth=FULL)
+    document = check_envelope(response)
+    assert (document["data"]["page"], document["data"]["size"]) == (2, 5)
+
+
+def test_demo_keeps_the_partner_api_range_code_a_backend_sends() -> None:
+    async def orders(scope: Scope, receive: Receive, send: Send) -> None:
+        error = {"error": {"code": "request_invalid_range", "message": "At most 90 days."}}
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": orjson.dumps(error)})
+
+    backends: dict[str, Any] = {**create_backends(), "orders": orders}
+    with TestClient(create_gateway(backends, access_log=False)) as client:
+        error = error_of(client.get("/orders", auth=FULL), 400, "request_invalid_range")
+        assert error["message"] == "At most 90 days."

@@ -93,6 +93,24 @@ def test_fastapi_lists_at_most_a_hundred_invalid_fields_and_counts_the_rest() ->
     assert error["details"]["errors"][99]["field"] == "99.available"
 
 
+def test_fastapi_keeps_the_fields_of_a_validation_error_larger_than_an_error_body_is_read() -> None:
+    app = make_app()
+
+    @app.post("/counts")
+    async def counts(counts: dict[str, int]) -> int:
+        return len(counts)  # pragma: no cover - never valid here
+
+    # Keys of 1000 characters: the listed field paths alone pass the 64 KiB an
+    # error response's body is read up to; the error is handed over, not read.
+    invalid = {f"{index:04d}" + "k" * 996: "many" for index in range(100)}
+    with TestClient(app) as client:
+        response = client.post("/counts", json=invalid)
+    error = response.json()["error"]
+    assert (response.status_code, error["code"]) == (400, "request_invalid")
+    assert len(response.content) > 64 * 1024
+    assert len(error["details"]["errors"]) == 100
+
+
 def test_fastapi_a_body_that_is_not_json_names_no_field() -> None:
     with TestClient(make_app()) as client:
         response = client.patch(

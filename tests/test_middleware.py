@@ -818,6 +818,30 @@ async def test_envelope_error_keeps_headers_that_matter_and_drops_body_headers()
     assert sent.header("etag") is None
 
 
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        (b"120", "120"),
+        (b" 0 ", " 0 "),
+        (b"Fri, 27 Nov 2026 11:00:00 GMT", "Fri, 27 Nov 2026 11:00:00 GMT"),
+        (b"soon; host=db-1.internal", None),
+        (b"-5", None),
+        (b"1.5", None),
+        (b"Friday, 27-Nov-26 11:00:00 GMT", None),  # RFC 850: recipients parse it, senders don't write it
+        (b"Fri, 27 Nov 2026 11:00:00 GMT; db-1", None),
+        (b"", None),
+    ],
+)
+async def test_envelope_error_keeps_only_a_retry_after_a_client_can_act_on(
+    status: int, value: bytes, kept: str | None
+) -> None:
+    app = envelope(scripted(start(status, [JSON, (b"retry-after", value)]), body(b'{"detail": "busy"}')))
+    sent = await call(app)
+    assert sent.status == status
+    assert sent.header("retry-after") == kept
+
+
 async def test_envelope_error_from_a_file_response_ignores_the_file() -> None:
     app = envelope(
         scripted(
@@ -1009,6 +1033,7 @@ async def test_envelope_never_starts_twice_once_bytes_are_out(logs: Any) -> None
     assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
     [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
     assert event["request_id"] == Sent(messages).header("x-request-id")
+    assert event["response_complete"] is False
 
 
 async def test_envelope_trusted_stream_that_fails_midway_is_not_completed() -> None:
@@ -1153,11 +1178,12 @@ async def test_envelope_a_disconnect_after_the_response_hides_no_later_exception
         assert (await receive())["type"] == "http.disconnect"
         raise RuntimeError("background task failed")
 
-    with pytest.raises(RuntimeError, match="background task"):
-        await call(envelope(app))
-    assert [e["event"] for e in logs.entries if e["log_level"] == "error"] == [
-        "exception_after_response_started"
-    ]
+    sent = await call(envelope(app))  # the response was whole: it stands, and is not aborted
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {}}
+    [event] = [e for e in logs.entries if e["log_level"] == "error"]
+    assert (event["event"], event["response_complete"]) == ("exception_after_response_started", True)
+    assert str(event["exc_info"]) == "background task failed"
+    assert event["request_id"] == sent.header("x-request-id")
     assert not any(e["event"] == "client_disconnected" for e in logs.entries)
 
 
@@ -1202,10 +1228,12 @@ async def test_envelope_answers_500_when_the_app_sends_a_body_before_the_start()
     assert_error(await call(envelope(scripted(body(b"x")))), 500, "internal")
 
 
-async def test_envelope_refuses_a_body_after_the_response_is_complete() -> None:
+async def test_envelope_refuses_a_body_after_the_response_is_complete(logs: Any) -> None:
     app = scripted(start(200, [(b"content-type", b"text/plain")]), body(b"x"), body(b"y"))
-    with pytest.raises(RuntimeError, match="after the response was complete"):
-        await call(envelope(app))
+    sent = await call(envelope(app))
+    assert sent.body == b"x"  # the complete response stands; the app's bug is logged
+    [event] = [e for e in logs.entries if e["log_level"] == "error"]
+    assert "after the response was complete" in str(event["exc_info"])
 
 
 # -- the error serializer cannot fail ---------------------------------------------
@@ -1611,10 +1639,12 @@ async def test_envelope_passes_zerocopysend_followed_by_body() -> None:
     assert sent.complete
 
 
-async def test_envelope_refuses_a_file_after_the_response_is_complete() -> None:
+async def test_envelope_refuses_a_file_after_the_response_is_complete(logs: Any) -> None:
     app = scripted(start(200, [(b"content-type", b"text/plain")]), body(b"x"), zerocopy(more=False))
-    with pytest.raises(RuntimeError, match="after the response was complete"):
-        await call(envelope(app))
+    sent = await call(envelope(app))
+    assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
+    [event] = [e for e in logs.entries if e["log_level"] == "error"]
+    assert "after the response was complete" in str(event["exc_info"])
 
 
 async def test_envelope_wrapped_response_drops_transfer_encoding_and_accept_ranges() -> None:

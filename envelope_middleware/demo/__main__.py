@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx2
 import uvicorn
@@ -190,6 +191,16 @@ def app_from_environment() -> ASGIApp:
     return build(options)
 
 
+# The demo's logging is configured by configure_logging(), and the middleware
+# writes the access log. No WebSocket protocol: the gateway has no WebSocket
+# routes, and with one loaded uvicorn hands a request carrying `Upgrade:
+# websocket` to the app as a websocket scope, which the middleware passes on
+# untouched; the router's refusal then reaches the partner as a bare 403 with no
+# request id. Without one, uvicorn serves that request as plain HTTP, under the
+# contract like any other.
+_UVICORN: dict[str, Any] = {"log_config": None, "access_log": False, "ws": "none"}
+
+
 async def serve(options: Options) -> None:
     """Serve the gateway, and with --serve-backends the backends, in this process."""
     servers = []
@@ -197,11 +208,9 @@ async def serve(options: Options) -> None:
         for offset, (name, app) in enumerate(create_backends().items()):
             port = options.backend_port + offset
             options.backends[name] = f"http://127.0.0.1:{port}"
-            config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+            config = uvicorn.Config(app, host="127.0.0.1", port=port, **_UVICORN)
             servers.append(uvicorn.Server(config))
-    gateway = uvicorn.Config(
-        build(options), host=options.host, port=options.port, log_config=None, access_log=False
-    )
+    gateway = uvicorn.Config(build(options), host=options.host, port=options.port, **_UVICORN)
     servers.append(uvicorn.Server(gateway))
     print(banner(options), flush=True)  # noqa: T201 - the demo's start-up message
     await asyncio.gather(*(server.serve() for server in servers))
@@ -223,8 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=options.host,
             port=options.port,
             workers=options.workers,
-            log_config=None,
-            access_log=False,
+            **_UVICORN,
         )
         return 0
     # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly.

@@ -52,8 +52,16 @@ MAX_BODY_BYTES = 16 * 1024  # a write body here is a few fields; more is refused
 # The backend refused the gateway's own access: nothing the partner sent or can fix.
 _REFUSED_GATEWAY = frozenset({401, 403, 407})
 _logger = structlog.get_logger("envelope_middleware.demo")
-# The partner API's code for an availability call naming an unknown item (partner-api-facts.md).
-CATALOGUE = DEFAULT_CATALOGUE.extend([ErrorSpec("resource_unmapped", 404, "No menu item has this id.")])
+# The partner API's codes beyond the library's defaults (partner-api-facts.md):
+# the gateway answers resource_unmapped itself, and keeps request_invalid_range
+# when a backend sends it. (A backend's 401 is the gateway's own credential
+# failing, answered 502: its auth codes never reach a partner.)
+CATALOGUE = DEFAULT_CATALOGUE.extend(
+    [
+        ErrorSpec("resource_unmapped", 404, "No menu item has this id."),
+        ErrorSpec("request_invalid_range", 400, "A range in the request is too long."),
+    ]
+)
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 
 
@@ -117,12 +125,24 @@ def _positive_int(
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    # isascii: str.isdigit accepts "²" and "①", which int() refuses; the length
-    # bound keeps int() away from its 4300-digit limit.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12) or not 1 <= int(raw) <= maximum:
+    value = _decimal(raw)
+    if value is None or not 1 <= value <= maximum:
         errors.append({"field": name, "message": f"must be an integer from 1 to {maximum}"})
         return None
-    return int(raw)
+    return value
+
+
+def _decimal(raw: str) -> int | None:
+    """`raw` as a number if it is decimal digits, leading zeros allowed; None if not.
+
+    isascii: str.isdigit accepts "²" and "①", which int() refuses. Past 18
+    significant digits the number is read as 10**18, above every bound here:
+    int() refuses strings of over 4300 digits.
+    """
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    significant = raw.lstrip("0")
+    return int(significant or "0") if len(significant) <= 18 else 10**18
 
 
 def _validated_query(request: Request, *, filters: tuple[str, ...] = ()) -> dict[str, int]:
@@ -179,9 +199,10 @@ async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Res
 
 
 async def _small_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    # The length bound keeps int() away from its digit limit.
-    if declared.isascii() and declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY_BYTES):
+    # RFC 9110 §8.6 allows leading zeros; a length that is no number is left to
+    # the server, and the body's actual size is bounded below either way.
+    declared = _decimal(request.headers.get("content-length", ""))
+    if declared is not None and declared > MAX_BODY_BYTES:
         raise _body_too_large()
     body = bytearray()
     async for chunk in request.stream():
