@@ -12,14 +12,18 @@ counts rather than guessed:
     splice      + the start held, the body spliced into the envelope, headers rebuilt
     context     + structlog's three ContextVars (request_id, method, path)
     checked     + the header scan and the msgspec JSON check
+    compiled    what `checked` does, written in C (cfloor.c)
 
 against asgi-correlation-id and EnvelopeMiddleware (validating, context, no
-access log). Each stack wraps a raw ASGI app sending a 200 B JSON body, and is
-run under `valgrind --tool=callgrind` for 0 and N requests with a fixed
-PYTHONHASHSEED: the difference divided by N is repeatable to a few hundred
-instructions, whatever else the machine is doing.
+access log). The compiled layer is a measuring prototype that serves this one
+response shape; it shows what the goal asks of compiled code, and is built
+with the system C compiler when this script starts. Each stack wraps a raw
+ASGI app sending a 200 B JSON body, and is run under `valgrind
+--tool=callgrind` for 0 and N requests with a fixed PYTHONHASHSEED: the
+difference divided by N is repeatable to a few hundred instructions, whatever
+else the machine is doing.
 
-    python benchmarks/floor.py               # needs valgrind; about 3 minutes
+    python benchmarks/floor.py               # needs valgrind and a C compiler; about 3 minutes
     python benchmarks/floor.py --markdown results/floor.md
 """
 
@@ -27,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import platform
 import re
 import subprocess
 import sys
+import sysconfig
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -169,6 +176,30 @@ class CheckedLayer(ContextLayer):
         self.check = True
 
 
+def compiled_layer(app: ASGIApp) -> ASGIApp:
+    """`checked` in C: cfloor.c, built by `build_compiled_layer` into $CFLOOR_DIR."""
+    sys.path.insert(0, os.environ["CFLOOR_DIR"])
+    cfloor = importlib.import_module("cfloor")
+    found = structlog_context_vars()
+    if found is None:  # pragma: no cover - structlog moved its registry
+        raise RuntimeError("structlog's ContextVars are not reachable")
+    layer: ASGIApp = cfloor.Layer(app, (_request_id, *found), _check)
+    return layer
+
+
+def build_compiled_layer() -> str:
+    """Compile cfloor.c with the system C compiler; the folder holding the module."""
+    folder = tempfile.mkdtemp(prefix="cfloor-")
+    target = Path(folder) / f"cfloor{sysconfig.get_config_var('EXT_SUFFIX')}"
+    source = Path(__file__).with_name("cfloor.c")
+    include = sysconfig.get_paths()["include"]
+    compiler = os.environ.get("CC", "cc")
+    subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", f"-I{include}", str(source), "-o", str(target)], check=True
+    )
+    return folder
+
+
 STACKS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     "service alone": lambda app: app,
     "empty": EmptyLayer,
@@ -177,6 +208,7 @@ STACKS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     "splice": SpliceLayer,
     "context": ContextLayer,
     "checked": CheckedLayer,
+    "compiled": compiled_layer,
     "asgi-correlation-id": CorrelationIdMiddleware,
     "EnvelopeMiddleware": lambda app: EnvelopeMiddleware(app, access_log=False),
 }
@@ -258,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         run_requests(args.one[0], int(args.one[1]))
         return 0
+    os.environ["CFLOOR_DIR"] = build_compiled_layer()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = list(pool.map(lambda stack: per_request(stack, args.count), STACKS))
     text = report(dict(zip(STACKS, counts, strict=True)), args.count)
