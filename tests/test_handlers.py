@@ -187,3 +187,13 @@ def test_handlers_keep_the_connection_of_a_sub_app_error_open(installed: bool) -
             assert response.status_code == status
             ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
     assert len(set(ports)) == 1  # one connection served them all
+
+
+async def test_handlers_let_a_wrapped_app_keep_its_codes() -> None:
+    # EnvelopeMiddleware(app) puts the app's ServerErrorMiddleware inside the
+    # envelope, as a mount does: the same hand-over serves it.
+    wrapped = EnvelopeMiddleware(installed_sub_app(), access_log=False)
+    sent = await call(wrapped, path="/not-found")
+    assert (sent.status, sent.json()["error"]["code"]) == (404, "resource_not_found")
+    sent = await call(wrapped, path="/crashed")
+    assert (sent.status, sent.json()["error"]["code"]) == (500, "internal")
