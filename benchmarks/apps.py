@@ -10,6 +10,7 @@ import os
 
 import orjson
 import structlog
+from floor import compiled_layer
 from inprocess import payload, quiet_structlog, stacks
 from starlette.types import ASGIApp
 
@@ -53,3 +54,8 @@ def envelope_validating() -> ASGIApp:
 
 def envelope_validating_logged() -> ASGIApp:
     return _stack("envelope_validating_logged")
+
+
+def compiled() -> ASGIApp:
+    """floor.py's compiled layer around the bare app; load.py builds it into $CFLOOR_DIR."""
+    return compiled_layer(_stack("bare"))

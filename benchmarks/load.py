@@ -8,6 +8,7 @@ of the server, and the ratio of requests/s to the bare app's.
     python benchmarks/load.py                        # all stacks and sizes, ~20 minutes
     python benchmarks/load.py --duration 3 --repeats 1 --sizes 200B   # a quick look
     python benchmarks/load.py --workers 2
+    python benchmarks/load.py --sizes 200B --stacks compiled   # floor.py's compiled layer, opt-in
 
 wrk comes from Debian's package (`apt-get install wrk`). The server and wrk are
 pinned to separate cores with taskset when the machine has two or more.
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx2
+from floor import build_compiled_layer
 from inprocess import code_version
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +50,9 @@ STACKS = [
     "envelope_validating_logged",
     "gateway",
 ]
+# Not run unless named: floor.py's measuring prototype in C (needs a C compiler),
+# which serves only this benchmark's response shape.
+OPT_IN = ["compiled"]
 LABELS = {
     "bare": "bare Starlette",
     "correlation_id": "asgi-correlation-id",
@@ -56,6 +61,7 @@ LABELS = {
     "envelope_validating": "envelope, validating",
     "envelope_validating_logged": "envelope, validating + access log",
     "gateway": "reference gateway (GET /orders)",
+    "compiled": "compiled floor (C, floor.py)",
 }
 # The gateway's pages: size=1 is about 350 B, size=100 about 33 KB; larger pages are not offered.
 GATEWAY_PAGE = {"200B": 1, "100KB": 100, "1MB": 100}
@@ -125,6 +131,9 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
             "--log-level",
             "warning",
             "--no-access-log",
+            # Said, not detected: the compiled layer is no coroutine function.
+            "--interface",
+            "asgi3",
         ]
     process = subprocess.Popen(
         pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    parser.add_argument("--stacks", nargs="+", choices=STACKS, default=STACKS)
+    parser.add_argument("--stacks", nargs="+", choices=STACKS + OPT_IN, default=STACKS)
     parser.add_argument("--output", default=str(RESULTS / "load"), help="path prefix for .md, .json, .png")
     parser.add_argument("--replot", action="store_true", help="redraw the chart from the .json of a run")
     args = parser.parse_args(argv)
@@ -333,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "bare" not in args.stacks:
         args.stacks.insert(0, "bare")
+    if "compiled" in args.stacks:
+        os.environ["CFLOOR_DIR"] = build_compiled_layer()  # inherited by the servers
     runs = measure(args)
     text = table(runs, args)
     print(text)

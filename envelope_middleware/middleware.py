@@ -380,9 +380,10 @@ class _Exchange:
             return self._decide({**message, "headers": headers}, headers)
 
     def _decide(self, message: Message, headers: RawHeaders) -> Message | None:
-        status: int = message["status"]
-        if not 200 <= status <= 599:
-            # A final response's status (RFC 9110 §15); the app's bug answers 500.
+        status = message["status"]
+        # A final response's status (RFC 9110 §15), an int as ASGI says: 200.0 equals
+        # 200 but is no status line. The app's bug answers 500.
+        if type(status) is not int or not 200 <= status <= 599:
             raise RuntimeError(f"the app sent an invalid status: {status!r}")
         # HEAD goes the way of GET: RFC 9110 §9.3.2 asks for the headers a GET would
         # get, and §8.6 forbids a Content-Length other than the GET's. Starlette's
@@ -706,7 +707,7 @@ class _Exchange:
             )
         self.start = None
         self.chunks = []
-        await self._send_error(failure, [])
+        await self._send_answer(failure)
 
     def _client_left(self, exc: Exception) -> bool:
         # The app failing to read from or write to a client that left: ASGI 2.4
@@ -732,7 +733,16 @@ class _Exchange:
             return
         self.mw.logger.error("app_returned_without_response", request_id=request_id)
         self.start = None
-        await self._send_error(self.mw.errors.for_code("internal"), [])
+        await self._send_answer(self.mw.errors.for_code("internal"))
+
+    async def _send_answer(self, failure: Failure) -> None:
+        """Send the middleware's answer for an app that failed, if the client is still there."""
+        try:
+            await self._send_error(failure, [])
+        except OSError as exc:
+            # ASGI 2.4: the server's send raised, the client left (see _client_left).
+            # No app is left to see it, and the server is not to be told of an error.
+            self.mw.logger.warning("client_disconnected", request_id=self.request_id_str, exc_info=exc)
 
     async def _send_error(self, failure: Failure, headers: RawHeaders) -> None:
         body = self.mw.errors.render(self.request_id, failure)

@@ -990,6 +990,29 @@ async def test_envelope_never_turns_base_exceptions_into_responses(exc: BaseExce
         await call(envelope(raising(exc)))
 
 
+@pytest.mark.parametrize("failing_app", ["raises", "returns"])
+async def test_envelope_its_own_answer_to_a_client_that_left_is_a_warning(
+    logs: Any, failing_app: str
+) -> None:
+    # ASGI 2.4 servers raise OSError from send once the client has gone: the
+    # middleware's own 500 meets it, and there is no app left to raise it to.
+    app = raising(RuntimeError("backend down")) if failing_app == "raises" else scripted()
+    attempts: list[Message] = []
+
+    async def send(message: Message) -> None:
+        attempts.append(message)
+        raise OSError("connection reset by peer")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await envelope(app)(make_scope(), receive, send)  # not raised to the server
+    assert [m["type"] for m in attempts] == ["http.response.start"]
+    [left] = [e for e in logs.entries if e["event"] == "client_disconnected"]
+    assert isinstance(left["exc_info"], OSError)
+    assert left["request_id"] == Sent([attempts[0]]).header("x-request-id")
+
+
 async def test_envelope_answers_500_when_the_app_returns_without_responding(logs: Any) -> None:
     sent = await call(EnvelopeMiddleware(scripted()))
     assert_error(sent, 500, "internal")
@@ -1756,9 +1779,10 @@ async def test_envelope_passes_and_replaces_responses_with_bytes_like_headers(ki
     assert_error(await call(envelope(missing)), 404, "resource_not_found")
 
 
-@pytest.mark.parametrize("status", [0, 100, 199, 600, 999])
-async def test_envelope_answers_500_for_a_status_that_is_not_a_final_response(status: int) -> None:
-    sent = await call(envelope(scripted(start(status, [JSON]), body(b"{}"))))
+@pytest.mark.parametrize("status", [0, 100, 199, 600, 999, 200.0, 404.0, True, "200"])
+async def test_envelope_answers_500_for_a_status_that_is_not_a_final_response(status: object) -> None:
+    not_final = {"type": "http.response.start", "status": status, "headers": [JSON]}
+    sent = await call(envelope(scripted(not_final, body(b"{}"))))
     assert_error(sent, 500, "internal")
 
 
