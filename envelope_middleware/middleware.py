@@ -350,11 +350,14 @@ class _Exchange:
                 self.complete = not message.get("more_body", False)
                 return self.send_downstream(message)
             if (
-                mode == _WRAP_BUFFER
+                mode in (_WRAP_BUFFER, _WRAP_STREAM)
                 and (held := self.start) is not None
                 and not self.chunks
+                and not self.skipped
                 and not message.get("more_body", False)
             ):
+                # A body in one message, the common case in both modes: one coroutine
+                # sends it whole, with no streaming bookkeeping.
                 return self._send_wrapped(held, message.get("body", b""))
             return self._on_body(message)
         if kind == "http.response.start":
@@ -513,27 +516,25 @@ class _Exchange:
     # -- wrapping 2xx JSON ---------------------------------------------------
 
     async def _send_wrapped(self, held: Message, body: bytes) -> None:
-        """Validating mode: the whole body is here; check it, then send it wrapped."""
+        """The whole body is here and the start held: check it (validating mode), send it wrapped."""
         if type(body) is not bytes:
             body = bytes(body)  # a bytearray or memoryview, which servers accept
         received = len(body)
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]
-        if body and (problem := json_error(body)) is not None:
-            if not is_blank(body):
-                # The body may hold anything: its size and the parser's reason are logged, not it.
-                self.mw.logger.warning(
-                    "downstream_invalid_json",
-                    request_id=self.request_id_str,
-                    body_bytes=len(body),
-                    reason=problem,
-                )
-                await self._send_error(self.mw.errors.for_code("downstream_invalid_response"), [])
-                return
-            body = b""  # whitespace alone holds no document: as an empty body
-        if not body:
-            body = b"null"
+        if is_blank(body):
+            body = b"null"  # nothing, or whitespace alone: no document
+        elif self.mode == _WRAP_BUFFER and (problem := json_error(body)) is not None:
+            # The body may hold anything: its size and the parser's reason are logged, not it.
+            self.mw.logger.warning(
+                "downstream_invalid_json",
+                request_id=self.request_id_str,
+                body_bytes=len(body),
+                reason=problem,
+            )
+            await self._send_error(self.mw.errors.for_code("downstream_invalid_response"), [])
+            return
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         size = len(prefix) + len(body) + 1
         self.start = None
