@@ -352,7 +352,9 @@ static PyTypeObject SpliceType = {
 
 /* -- Layer and its per-request awaitable ---------------------------------- */
 
-#define VARS 4 /* the id's own ContextVar, then structlog's request_id, method, path */
+/* The id's own ContextVar, then structlog's request_id, method and path; a None
+ * among them is a ContextVar the layer does not set. */
+#define VARS 4
 
 typedef struct {
     PyObject_HEAD
@@ -448,6 +450,8 @@ call_begin(Call *self)
         goto fail;
     PyObject *values[VARS] = {request_id, request_id, method, path};
     for (int i = 0; i < VARS; i++) {
+        if (self->layer->vars[i] == NULL)
+            continue;
         if ((self->tokens[i] = PyContextVar_Set(self->layer->vars[i], values[i])) == NULL)
             goto fail;
     }
@@ -589,21 +593,23 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTuple(args, "OO!O:Layer", &app, &PyTuple_Type, &vars, &check))
         return NULL;
     if (PyTuple_GET_SIZE(vars) != VARS)
-        return PyErr_Format(PyExc_ValueError, "Layer takes %d ContextVars", VARS);
+        return PyErr_Format(PyExc_ValueError, "Layer takes %d ContextVars or Nones", VARS);
     Layer *self = (Layer *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
     self->vectorcall = layer_call;
     self->app = Py_NewRef(app);
-    for (int i = 0; i < VARS; i++)
-        self->vars[i] = Py_NewRef(PyTuple_GET_ITEM(vars, i));
+    for (int i = 0; i < VARS; i++) {
+        PyObject *var = PyTuple_GET_ITEM(vars, i);
+        self->vars[i] = var == Py_None ? NULL : Py_NewRef(var);
+    }
     self->check = check == Py_None ? NULL : Py_NewRef(check);
     return (PyObject *)self;
 }
 
 static PyTypeObject LayerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cfloor.Layer",
-    .tp_doc = "Layer(app, (own_var, id_var, method_var, path_var), check_or_None)",
+    .tp_doc = "Layer(app, (own_var, id_var, method_var, path_var), check_or_None); a var may be None",
     .tp_basicsize = sizeof(Layer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = layer_new,

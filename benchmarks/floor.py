@@ -13,6 +13,7 @@ counts rather than guessed:
     context     + structlog's three ContextVars (request_id, method, path)
     checked     + the header scan and the msgspec JSON check
     compiled    what `checked` does, written in C (cfloor.c)
+    compiled, no context   the same without structlog's three ContextVars
 
 against asgi-correlation-id and EnvelopeMiddleware (validating, context, no
 access log). The compiled layer is a measuring prototype that serves this one
@@ -176,14 +177,15 @@ class CheckedLayer(ContextLayer):
         self.check = True
 
 
-def compiled_layer(app: ASGIApp) -> ASGIApp:
+def compiled_layer(app: ASGIApp, *, context: bool = True) -> ASGIApp:
     """`checked` in C: cfloor.c, built by `build_compiled_layer` into $CFLOOR_DIR."""
     sys.path.insert(0, os.environ["CFLOOR_DIR"])
     cfloor = importlib.import_module("cfloor")
     found = structlog_context_vars()
     if found is None:  # pragma: no cover - structlog moved its registry
         raise RuntimeError("structlog's ContextVars are not reachable")
-    layer: ASGIApp = cfloor.Layer(app, (_request_id, *found), _check)
+    context_vars = found if context else (None, None, None)
+    layer: ASGIApp = cfloor.Layer(app, (_request_id, *context_vars), _check)
     return layer
 
 
@@ -209,6 +211,7 @@ STACKS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     "context": ContextLayer,
     "checked": CheckedLayer,
     "compiled": compiled_layer,
+    "compiled, no context": lambda app: compiled_layer(app, context=False),
     "asgi-correlation-id": CorrelationIdMiddleware,
     "EnvelopeMiddleware": lambda app: EnvelopeMiddleware(app, access_log=False),
 }
