@@ -31,6 +31,10 @@ def hand_over(request: Request, exc: Exception) -> None:
 
 
 async def _handed_over(request: Request, exc: Exception) -> Response:
+    if request.scope["type"] != "http":
+        # Starlette runs exception handlers for websocket scopes too; the contract,
+        # and the middleware, cover HTTP responses only.
+        raise exc
     hand_over(request, exc)
     if isinstance(exc, ApiError):
         return PlainTextResponse(exc.message, status_code=exc.status)

@@ -384,9 +384,11 @@ class _Exchange:
 
     def _decide(self, message: Message, headers: RawHeaders) -> Message | None:
         status = message["status"]
-        # A final response's status (RFC 9110 §15), an int as ASGI says: 200.0 equals
-        # 200 but is no status line. The app's bug answers 500.
-        if type(status) is not int or not 200 <= status <= 599:
+        # A final response's status (RFC 9110 §15), an int as ASGI says (HTTPStatus is
+        # one): 200.0 and True equal 200 and 1 but are no status line. The app's bug answers 500.
+        if (type(status) is not int and (type(status) is bool or not isinstance(status, int))) or not (
+            200 <= status <= 599
+        ):
             raise RuntimeError(f"the app sent an invalid status: {status!r}")
         # HEAD goes the way of GET: RFC 9110 §9.3.2 asks for the headers a GET would
         # get, and §8.6 forbids a Content-Length other than the GET's. Starlette's
@@ -540,7 +542,6 @@ class _Exchange:
         self.start = None
         self.downstream_started = True
         self.status = held["status"]
-        self.complete = True
         send = self.send_downstream
         try:
             await send(self._wrapped_start(held, size if received else self._length_of_nothing(held, size)))
@@ -554,7 +555,10 @@ class _Exchange:
         except OSError:
             self.send_failed = True
             raise
-        self.bytes_sent = size  # counted once the server took it: the access log's figure
+        # Complete, and counted, once the server took it: a server that refused the
+        # last message has not sent a whole response.
+        self.complete = True
+        self.bytes_sent = size
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
         if type(body) is not bytes:
@@ -627,24 +631,28 @@ class _Exchange:
     # -- errors --------------------------------------------------------------
 
     async def _send_error_from_response(self, held: Message) -> None:
-        state = self.scope.get("state")
-        handed_over = state.pop(HANDED_OVER_KEY, None) if isinstance(state, dict) else None
-        if isinstance(handed_over, Exception):
-            # A handler's stand-in (envelope_middleware.handlers): the exception decides.
-            await self._answer(handed_over)
-            return
         headers = _as_bytes(held.get("headers") or [])
         kept_body = b"".join(self.chunks)
         self.chunks = []
-        # A body cut at the limit is not parsed: half a document describes nothing.
-        body = kept_body if self.body_size <= ERROR_BODY_LIMIT else b""
-        failure = self.mw.errors.from_response(
-            held["status"],
-            header_value(headers, b"content-type"),
-            body,
-            has_credentials=self._has_credentials(),
-        )
-        if failure.status >= 500 and kept_body:
+        state = self.scope.get("state")
+        handed_over = state.pop(HANDED_OVER_KEY, None) if isinstance(state, dict) else None
+        if isinstance(handed_over, Exception):
+            # A handler's stand-in (envelope_middleware.handlers): the exception says what
+            # the error is, and the stand-in's headers (CORS or cookies from a layer further
+            # in) are kept as any error response's are.
+            if self._client_left(handed_over):
+                return  # no one to answer; the exception's end (fail or finish) logs it
+            failure = self._exception_failure(handed_over)
+        else:
+            # A body cut at the limit is not parsed: half a document describes nothing.
+            body = kept_body if self.body_size <= ERROR_BODY_LIMIT else b""
+            failure = self.mw.errors.from_response(
+                held["status"],
+                header_value(headers, b"content-type"),
+                body,
+                has_credentials=self._has_credentials(),
+            )
+        if failure.status >= 500 and kept_body and handed_over is None:
             # What the client will not see is kept for whoever reads the log.
             self.mw.logger.warning(
                 "error_body_replaced",
@@ -670,13 +678,13 @@ class _Exchange:
         """Answer for an exception from the app; False when it is too late to answer."""
         mw = self.mw
         request_id = self.request_id_str
-        if self._client_left(exc):
-            # No one to answer, and no server error in anyone's metrics.
-            mw.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
-            return True
         if self.answered is not None and _unwrap(exc) is self.answered:
             # Handed over, answered for and logged; re-raised by the sub-app's
             # ServerErrorMiddleware, as it re-raises whatever it handled.
+            return True
+        if self._client_left(exc):
+            # No one to answer, and no server error in anyone's metrics.
+            mw.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
             return True
         if self.downstream_started:
             # A response cut short must not pass for whole: the server aborts it.
@@ -688,16 +696,18 @@ class _Exchange:
                 exc_info=exc,
             )
             return self.complete
-        await self._answer(exc)
+        # Nothing has gone out: whatever the app had begun is discarded.
+        self.start = None
+        self.chunks = []
+        await self._send_answer(self._exception_failure(exc))
         return True
 
-    async def _answer(self, exc: Exception) -> None:
-        """Answer for `exc`, whatever the app had begun to send, as nothing has gone out yet."""
+    def _exception_failure(self, exc: Exception) -> Failure:
+        """What to answer for `exc`, logged: the client gets a generic message, the log the exception."""
         mw = self.mw
         request_id = self.request_id_str
         self.answered = raised = _unwrap(exc)
         failure = mw.errors.from_exception(raised, has_credentials=self._has_credentials())
-        # The client gets a generic message; the log gets the exception, with the id.
         if failure.log == "error":
             mw.logger.error(
                 "unhandled_exception", request_id=request_id, error_code=failure.code, exc_info=exc
@@ -706,9 +716,7 @@ class _Exchange:
             mw.logger.warning(
                 "mapped_exception", request_id=request_id, error_code=failure.code, exc_info=exc
             )
-        self.start = None
-        self.chunks = []
-        await self._send_answer(failure)
+        return failure
 
     def _client_left(self, exc: Exception) -> bool:
         # The app failing to read from or write to a client that left: ASGI 2.4
@@ -724,7 +732,7 @@ class _Exchange:
     async def finish(self) -> None:
         """The app returned without completing its response."""
         request_id = self.request_id_str
-        if self.disconnected:
+        if self.disconnected or self.send_failed:
             # Starlette's StreamingResponse stops this way when the client leaves.
             self.mw.logger.warning("client_disconnected", request_id=request_id)
             return
@@ -747,11 +755,17 @@ class _Exchange:
 
     async def _send_error(self, failure: Failure, headers: RawHeaders) -> None:
         body = self.mw.errors.render(self.request_id, failure)
-        drop = self.mw.error_drop
-        for name, value in failure.headers.items():
-            encoded = _encode_header(name, value)
-            if encoded is not None and encoded[0] not in drop:
-                headers.append(encoded)
+        if failure.headers:
+            drop = self.mw.error_drop
+            own = [
+                encoded
+                for name, value in failure.headers.items()
+                if (encoded := _encode_header(name, value)) is not None and encoded[0] not in drop
+            ]
+            # The exception's own headers replace a response's of the same name (a
+            # handed-over RateLimited and its stand-in both give a Retry-After).
+            names = {name for name, _ in own}
+            headers = [pair for pair in headers if pair[0].lower() not in names] + own
         headers.append((b"content-type", b"application/json"))
         headers.append((b"content-length", b"%d" % len(body)))
         headers.append((self.mw.id_header, self.request_id))
@@ -777,7 +791,6 @@ class _Exchange:
 
     async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
         size = sum(map(len, parts))
-        self.complete = not more
         send = self.send_downstream
         try:
             if size <= _JOIN_LIMIT or len(parts) == 1:
@@ -792,6 +805,7 @@ class _Exchange:
         except OSError:
             self.send_failed = True
             raise
+        self.complete = not more
         self.bytes_sent += size
 
     def _has_credentials(self) -> bool:
@@ -804,11 +818,26 @@ def _as_bytes(headers: Iterable[tuple[Any, Any]]) -> RawHeaders:
     return [(bytes(memoryview(name)), bytes(memoryview(value))) for name, value in headers]
 
 
+# What Starlette's ExceptionMiddleware raises, from the exception, when a handler
+# exists for an exception raised after the app's start: too late for the handler,
+# not for the middleware while it still holds that start.
+_HANDLED_TOO_LATE = ("Caught handled exception, but response already started.",)
+
+
 def _unwrap(exc: Exception) -> Exception:
-    # An exception group of one (anyio task groups raise them) means that one exception.
-    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+    """The exception the app meant: through exception groups of one (anyio's task
+    groups raise them) and Starlette's handled-too-late RuntimeError."""
+    while True:
+        if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        elif (
+            type(exc) is RuntimeError
+            and exc.args == _HANDLED_TOO_LATE
+            and isinstance(exc.__cause__, Exception)
+        ):
+            exc = exc.__cause__
+        else:
+            return exc
 
 
 def _encode_header(name: object, value: object) -> tuple[bytes, bytes] | None:

@@ -10,14 +10,17 @@ from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.types import Message
+from starlette.websockets import WebSocket
 
 from envelope_middleware import EnvelopeMiddleware, RateLimited, ResourceNotFound
 from envelope_middleware.fastapi import install_fastapi_handlers
 from envelope_middleware.handlers import hand_over, install_exception_handlers
 from tests._server import serve
-from tests.conftest import call
+from tests.conftest import call, make_scope
 
 
 class LedgerLocked(Exception):
@@ -197,3 +200,69 @@ async def test_handlers_let_a_wrapped_app_keep_its_codes() -> None:
     assert (sent.status, sent.json()["error"]["code"]) == (404, "resource_not_found")
     sent = await call(wrapped, path="/crashed")
     assert (sent.status, sent.json()["error"]["code"]) == (500, "internal")
+
+
+async def test_handlers_an_api_error_raised_while_the_start_is_held_keeps_its_code() -> None:
+    # Starlette's ExceptionMiddleware, having a handler, turns an exception raised
+    # after the app's start into a RuntimeError; the middleware still holds the
+    # start (validating mode), so the ApiError it came from is answered.
+    async def export(_request: Request) -> Response:
+        async def rows() -> Any:
+            yield b'{"rows": ['
+            raise ResourceNotFound("Export 7 not found")
+
+        return StreamingResponse(rows(), media_type="application/json")
+
+    sub = Starlette(routes=[Route("/export", export)])
+    install_exception_handlers(sub)
+    sent = await call(gateway(sub), path="/v2/export")
+    assert (sent.status, sent.json()["error"]["message"]) == (404, "Export 7 not found")
+
+
+async def test_handlers_keep_the_stand_ins_headers_and_the_exceptions_own_win(logs: Any) -> None:
+    async def limited(request: Request, exc: Exception) -> Response:
+        hand_over(request, exc)
+        # What a layer further in would add (CORS), and a header the exception also gives.
+        headers = {"Access-Control-Allow-Origin": "https://partner.example", "Retry-After": "5"}
+        return Response(status_code=429, headers=headers)
+
+    sub = Starlette(routes=SUB_ROUTES, exception_handlers={RateLimited: limited})
+    sent = await call(gateway(sub), path="/v2/rate-limited")
+    assert (sent.status, sent.json()["error"]["code"]) == (429, "rate_limited")
+    assert sent.header("access-control-allow-origin") == "https://partner.example"
+    assert sent.header("retry-after") == "30"  # one header, the exception's
+
+
+async def test_handlers_a_handed_over_disconnect_answers_no_one(logs: Any) -> None:
+    async def upload(request: Request) -> Response:
+        await request.body()  # raises ClientDisconnect: the client has gone
+        return Response()  # pragma: no cover - never reached
+
+    sub = Starlette(routes=[Route("/upload", upload, methods=["POST"])])
+    install_exception_handlers(sub)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await gateway(sub, access_log=True)(make_scope("POST", "/v2/upload"), receive, send)
+    assert sent == []
+    assert [e["event"] for e in logs.entries if e["log_level"] in ("warning", "error")] == [
+        "client_disconnected"
+    ]
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["status"] is None
+
+
+def test_handlers_leave_websocket_exceptions_to_the_server() -> None:
+    async def feed(websocket: WebSocket) -> None:
+        await websocket.accept()
+        raise ResourceNotFound("Feed 3 not found")
+
+    app = Starlette(routes=[WebSocketRoute("/feed", feed)])
+    install_exception_handlers(app)
+    with TestClient(app) as client, pytest.raises(ResourceNotFound), client.websocket_connect("/feed") as ws:
+        ws.receive_text()

@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import re
+from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
@@ -1784,6 +1785,45 @@ async def test_envelope_answers_500_for_a_status_that_is_not_a_final_response(st
     not_final = {"type": "http.response.start", "status": status, "headers": [JSON]}
     sent = await call(envelope(scripted(not_final, body(b"{}"))))
     assert_error(sent, 500, "internal")
+
+
+async def test_envelope_an_int_subclass_status_is_a_status() -> None:
+    # HTTPStatus members are ints, which ASGI asks for and servers accept.
+    async def created(_request: Request) -> Response:
+        return JSONResponse({"id": 1}, status_code=HTTPStatus.CREATED)
+
+    async def missing(_request: Request) -> Response:
+        raise HTTPException(status_code=HTTPStatus.NOT_FOUND, detail="No order 9")
+
+    app = Starlette(
+        routes=[Route("/created", created), Route("/missing", missing)],
+        middleware=[Middleware(EnvelopeMiddleware, access_log=False)],
+    )
+    sent = await call(app, path="/created")
+    assert (sent.status, sent.json()["data"]) == (201, {"id": 1})
+    sent = await call(app, path="/missing")
+    assert assert_error(sent, 404, "resource_not_found")["message"] == "No order 9"
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_a_last_message_the_server_refuses_is_no_complete_response(
+    logs: Any, validate_json: bool
+) -> None:
+    # A server refuses a message it cannot write (uvicorn: an invalid header value)
+    # by raising; the response is not whole, so the error goes on to the server.
+    app = scripted(start(200, [JSON, (b"x-note", b"bad\nvalue")]), body(b"{}"))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            raise RuntimeError("Invalid HTTP header value.")
+
+    with pytest.raises(RuntimeError, match="Invalid HTTP header"):
+        await envelope(app, validate_json=validate_json)(make_scope(), receive, send)
+    [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
+    assert event["response_complete"] is False
 
 
 async def test_envelope_reads_the_first_of_duplicate_content_types_on_every_path() -> None:
