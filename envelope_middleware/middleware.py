@@ -19,6 +19,7 @@ from envelope_middleware._errors import ERROR_BODY_LIMIT, ErrorPolicy, Failure
 from envelope_middleware._http import (
     BODY_HEADERS,
     BOM,
+    JSON_WHITESPACE,
     SERVER_ERROR_HEADERS,
     WRAPPED_BODY_HEADERS,
     RawHeaders,
@@ -525,7 +526,8 @@ class _Exchange:
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.
             body = body[3:]
-        if is_blank(body):
+        # is_blank, inline: this runs for every wrapped body, and the first byte decides.
+        if not body or (body[0] in JSON_WHITESPACE and is_blank(body)):
             body = b"null"  # nothing, or whitespace alone: no document
         elif self.mode == _WRAP_BUFFER and (problem := json_error(body)) is not None:
             # The body may hold anything: its size and the parser's reason are logged, not it.
