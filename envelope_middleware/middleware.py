@@ -463,8 +463,8 @@ class _Exchange:
                         end = b"null}"  # whitespace alone: an empty body, `null`
                 await self._write((body, end) if not more else (body,), more=more)
             elif mode == _BODYLESS:
-                self.complete = not more
-                await self.send_downstream({"type": "http.response.body", "body": b"", "more_body": more})
+                # The middleware's own empty message, in place of the app's body.
+                await self._write((b"",), more=more)
             else:
                 raise RuntimeError("the app sent a body before http.response.start")
         elif mode == _WRAP_BUFFER:

@@ -1014,6 +1014,27 @@ async def test_envelope_its_own_answer_to_a_client_that_left_is_a_warning(
     assert left["request_id"] == Sent([attempts[0]]).header("x-request-id")
 
 
+@pytest.mark.parametrize("status", [204, 205, 304])
+async def test_envelope_a_client_gone_before_a_bodiless_statuss_empty_body_is_a_warning(
+    logs: Any, status: int
+) -> None:
+    # The middleware sends that empty body itself, in place of the app's: a failed
+    # write of it is a client that left (ASGI 2.4), as for its start.
+    app = scripted(start(status, [JSON]), body(b""))
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("connection reset by peer")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await envelope(app)(make_scope(), receive, send)  # not raised to the server
+    assert [e["event"] for e in logs.entries if e["log_level"] in ("warning", "error")] == [
+        "client_disconnected"
+    ]
+
+
 async def test_envelope_answers_500_when_the_app_returns_without_responding(logs: Any) -> None:
     sent = await call(EnvelopeMiddleware(scripted()))
     assert_error(sent, 500, "internal")

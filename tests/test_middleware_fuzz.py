@@ -703,7 +703,8 @@ class Run:
     @property
     def client_gone(self) -> bool:
         """The README's client that left: an OSError from the server's `send` on a message
-        the middleware sends itself, "every start and every enveloped body"."""
+        the middleware sends itself: every start, every enveloped body and the emptied body
+        of a 204, 205 or 304."""
         return self.failed_own and isinstance(self.server_exc, OSError)
 
     def events(self, name: str) -> list[EventDict]:
@@ -749,14 +750,9 @@ class Harness:
             run.server.messages.append(copy)
             return
         run.send_failed = True
-        # A body the app sent passes as it is, and so does a bodiless status's emptied one;
-        # the rest the middleware sends itself.
-        bodiless = any(
-            m["type"] == "http.response.start" and m["status"] in (204, 205, 304) for m in run.attempted
-        )
-        passed = copy["type"] == "http.response.body" and (
-            any(message is m for m in self.messages) or bodiless
-        )
+        # A body the app sent passes as it is; the rest the middleware sends itself,
+        # a bodiless status's emptied body included.
+        passed = copy["type"] == "http.response.body" and any(message is m for m in self.messages)
         run.failed_own = not passed
         run.failed_passed_last = passed and not copy["more_body"]
         if self.sc.send_failure == "reset":
