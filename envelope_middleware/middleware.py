@@ -336,10 +336,9 @@ class _Exchange:
     def send(self, message: Message) -> Awaitable[None]:
         """The `send` the app is given; returns what to await for `message`.
 
-        A plain function, not a coroutine: a body that passes is answered with
-        the downstream `send`'s own awaitable, and a wrapped one with the
-        coroutine that sends it, which saves a coroutine layer per message
-        (issue #2: each costs about as much as a header scan).
+        A plain function, not a coroutine: each kind of message is answered with
+        the one coroutine that handles it, which saves a coroutine layer per
+        message (issue #2: each costs about as much as a header scan).
         """
         kind = message["type"]
         if kind == "http.response.body":
@@ -347,9 +346,7 @@ class _Exchange:
                 raise RuntimeError("the app sent a body after the response was complete")
             mode = self.mode
             if mode == _PASS:
-                self.bytes_sent += len(message.get("body", b""))
-                self.complete = not message.get("more_body", False)
-                return self.send_downstream(message)
+                return self._pass_on(message, ends=not message.get("more_body", False))
             if (
                 mode in (_WRAP_BUFFER, _WRAP_STREAM)
                 and (held := self.start) is not None
@@ -511,10 +508,26 @@ class _Exchange:
                 kept = [pair for pair in held["headers"] if pair[0].lower() != id_name]
                 kept.append((id_name, self.request_id))
                 await self._send_start({**held, "headers": kept})
-            self.complete = last
-        elif kind == "http.response.trailers" and self.mode == _ERROR:
-            return  # the error envelope is sent without trailers
-        await self.send_downstream(message)
+            await self._pass_on(message, ends=last)
+        elif kind != "http.response.trailers" or self.mode != _ERROR:
+            # Trailers of an error response are dropped: the envelope is sent without them.
+            await self._pass_on(message, ends=False)
+
+    async def _pass_on(self, message: Message, *, ends: bool) -> None:
+        """Send a message the app made, as it is; `ends`: whether it completes the response.
+
+        Awaited here rather than handed back: an `OSError` from the server is a
+        client that left (ASGI 2.4) for these messages as for the middleware's own,
+        and the response is complete once the server took the last of them.
+        """
+        size = len(message.get("body", b""))
+        try:
+            await self.send_downstream(message)
+        except OSError:
+            self.send_failed = True
+            raise
+        self.bytes_sent += size
+        self.complete = self.complete or ends
 
     # -- wrapping 2xx JSON ---------------------------------------------------
 

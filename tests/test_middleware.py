@@ -1180,8 +1180,9 @@ async def test_envelope_a_bug_after_the_client_left_is_still_an_error(logs: Any)
         ("application/json", True, "http.response.body"),
         ("application/json", False, "http.response.body"),
         ("text/plain", True, "http.response.start"),
+        ("text/plain", True, "http.response.body"),
     ],
-    ids=["validating", "trusted", "passing-start"],
+    ids=["validating", "trusted", "passing-start", "passing-body"],
 )
 async def test_envelope_a_send_that_fails_for_a_client_that_left_is_a_warning(
     logs: Any, media_type: str, validate_json: bool, failing: str
@@ -1845,6 +1846,56 @@ async def test_envelope_a_last_message_the_server_refuses_is_no_complete_respons
         await envelope(app, validate_json=validate_json)(make_scope(), receive, send)
     [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
     assert event["response_complete"] is False
+
+
+@pytest.mark.parametrize(
+    ("headers", "excluded"),
+    [([(b"content-type", b"text/html")], False), ([JSON], True)],
+    ids=["not-json", "excluded-path"],
+)
+async def test_envelope_a_passed_through_last_message_the_server_refuses_is_no_complete_response(
+    logs: Any, headers: list[tuple[bytes, bytes]], excluded: bool
+) -> None:
+    # A body passed through as it is counts as complete only once the server took
+    # its last message, as an enveloped one does.
+    app = scripted(start(200, headers), body(b"<p>1</p>", more=True), body(b"<p>2</p>"))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            raise RuntimeError("Response content longer than Content-Length")
+        sent.append(message)
+
+    middleware = EnvelopeMiddleware(app, exclude_paths=["/"] if excluded else ())
+    with pytest.raises(RuntimeError, match="longer than Content-Length"):
+        await middleware(make_scope(), receive, send)
+    [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
+    assert event["response_complete"] is False
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["bytes_sent"] == len(b"<p>1</p>")  # what the server took
+
+
+async def test_envelope_a_client_gone_before_a_passed_through_file_is_a_warning(logs: Any) -> None:
+    # pathsend is passed through as it is; an OSError from the server is still a client that left.
+    app = scripted(
+        start(200, [(b"content-type", b"text/html")]), {"type": "http.response.pathsend", "path": "/x"}
+    )
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.pathsend":
+            raise OSError("connection reset by peer")
+
+    await envelope(app)(make_scope(), receive, send)  # a client that left: not raised
+    assert [e["event"] for e in logs.entries if e["log_level"] in ("warning", "error")] == [
+        "client_disconnected"
+    ]
 
 
 async def test_envelope_reads_the_first_of_duplicate_content_types_on_every_path() -> None:

@@ -683,8 +683,6 @@ class Run:
     server: Sent = field(default_factory=Sent)  # what the server took
     attempted: list[Message] = field(default_factory=list)  # and what it was given, failed sends too
     send_failed: bool = False
-    failed_own: bool = False  # the failed message was a start or an enveloped body
-    failed_passed_last: bool = False  # the failed message was the last of a body passed through
     server_exc: Exception | None = None
     sends_after_failure: int = 0
     disconnect_seen: bool = False  # the app read a disconnect before the response was complete
@@ -702,10 +700,8 @@ class Run:
 
     @property
     def client_gone(self) -> bool:
-        """The README's client that left: an OSError from the server's `send` on a message
-        the middleware sends itself: every start, every enveloped body and the emptied body
-        of a 204, 205 or 304."""
-        return self.failed_own and isinstance(self.server_exc, OSError)
+        """The README's client that left: an OSError from the server's `send`, on any message."""
+        return isinstance(self.server_exc, OSError)
 
     def events(self, name: str) -> list[EventDict]:
         return [e for e in self.logs if e["event"] == name]
@@ -750,11 +746,6 @@ class Harness:
             run.server.messages.append(copy)
             return
         run.send_failed = True
-        # A body the app sent passes as it is; the rest the middleware sends itself,
-        # a bodiless status's emptied body included.
-        passed = copy["type"] == "http.response.body" and any(message is m for m in self.messages)
-        run.failed_own = not passed
-        run.failed_passed_last = passed and not copy["more_body"]
         if self.sc.send_failure == "reset":
             run.server_exc = OSError("connection reset by peer")  # ASGI 2.4: the client left
         else:
@@ -982,7 +973,7 @@ def check_exception_outcome(sc: Scenario, run: Run) -> None:
     if exc is None or not run.started_at_exc:
         # Nothing was out: the middleware answered (for the exception, or for no response).
         # A client gone meanwhile is a warning; a server refusing the answer gets its error back.
-        if run.send_failed and run.failed_own and not isinstance(run.server_exc, OSError):
+        if run.send_failed and not isinstance(run.server_exc, OSError):
             assert run.mw_exc is run.server_exc, (run.mw_exc, run.server_exc)
         else:
             assert run.mw_exc is None, (run.mw_exc, run.server_exc)
@@ -998,11 +989,7 @@ def check_exception_outcome(sc: Scenario, run: Run) -> None:
     logged = run.events("exception_after_response_started")
     assert len(logged) == 1, run.logs
     complete = logged[0]["response_complete"]
-    if not run.failed_passed_last:
-        assert complete is run.complete_at_exc, logged
-    # else: a body passed through counts as complete once handed to the server (the
-    # middleware returns the server's own awaitable, without a coroutine of its own), so
-    # the server's refusing its last message is either; reported, not decided here.
+    assert complete is run.complete_at_exc, logged
     assert run.mw_exc is (None if complete else exc), (run.mw_exc, exc, logged)
 
 

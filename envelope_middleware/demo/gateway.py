@@ -63,6 +63,7 @@ CATALOGUE = DEFAULT_CATALOGUE.extend(
     ]
 )
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+_ITEM_ID_DIGITS = 12  # the brands service's ids are far shorter; longer is no id of theirs
 
 
 @dataclass(frozen=True)
@@ -226,10 +227,17 @@ async def _availability(request: Request) -> bool:
     return available
 
 
+def _is_item_id(item_id: str) -> bool:
+    # Checked here, not by a route converter: Starlette's int converter
+    # fails with a 500 on numbers past int()'s digit limit.
+    return item_id.isascii() and item_id.isdigit() and len(item_id) <= _ITEM_ID_DIGITS
+
+
 def _unmapped(item_id: str) -> ApiError:
-    return ApiError(
-        "resource_unmapped", "No menu item has this id.", status=404, details={"item_id": item_id}
-    )
+    # The id is repeated back only in an id's shape: whatever else a partner put in
+    # the path (thousands of digits, markup) is not echoed into the body and logs.
+    details = {"item_id": item_id} if _is_item_id(item_id) else {}
+    return ApiError("resource_unmapped", "No menu item has this id.", status=404, details=details)
 
 
 def _body_too_large() -> ApiError:
@@ -292,9 +300,7 @@ def create_gateway(
     async def item_availability(request: Request) -> Response:
         _authorize(request, by_key, items.scope)
         item_id = request.path_params["item_id"]
-        # Checked here, not by a route converter: Starlette's int converter
-        # fails with a 500 on numbers past int()'s digit limit.
-        if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 12):
+        if not _is_item_id(item_id):
             raise _unmapped(item_id)
         # Only the field this route changes goes on: whatever else a partner
         # sends (a business_id above all) is not theirs to set.
