@@ -302,7 +302,9 @@ class _Exchange:
     body_size = 0
     bytes_sent = 0
     downstream_started = False
-    complete = False
+    ended = False  # the app has sent its last body message (taken or not)
+    complete = False  # the server has taken the response's last message
+    trailers = False  # a passed-through start announced trailers: they end the response
     disconnected = False  # the app was told the client left
     send_failed = False  # the server's send raised OSError: the client is gone (ASGI 2.4)
     skipped = 0  # bytes held back from the start of a streamed body: a BOM, whitespace
@@ -342,17 +344,21 @@ class _Exchange:
         """
         kind = message["type"]
         if kind == "http.response.body":
-            if self.complete:
+            # Decided when `send` is called, not when the server has taken the message:
+            # an app may call `send` again before awaiting the last body.
+            if self.ended:
                 raise RuntimeError("the app sent a body after the response was complete")
+            last = not message.get("more_body", False)
+            self.ended = last
             mode = self.mode
             if mode == _PASS:
-                return self._pass_on(message, ends=not message.get("more_body", False))
+                return self._pass_on(message, ends=last and not self.trailers)
             if (
-                mode in (_WRAP_BUFFER, _WRAP_STREAM)
+                last
+                and mode in (_WRAP_BUFFER, _WRAP_STREAM)
                 and (held := self.start) is not None
                 and not self.chunks
                 and not self.skipped
-                and not message.get("more_body", False)
             ):
                 # A body in one message, the common case in both modes: one coroutine
                 # sends it whole, with no streaming bookkeeping.
@@ -404,6 +410,7 @@ class _Exchange:
             mode = self._wrap_mode(headers)
         self.mode = mode
         if mode in (_PASS, _BODYLESS):
+            self.trailers = mode == _PASS and bool(message.get("trailers", False))
             id_name = self.mw.id_header
             if mode == _PASS or status == 304:
                 kept = [pair for pair in headers if pair[0].lower() != id_name]
@@ -491,10 +498,11 @@ class _Exchange:
     async def _on_other(self, message: Message) -> None:
         kind = message["type"]
         if kind in _SENDFILE_MESSAGES:
-            if self.complete:
+            if self.ended:
                 raise RuntimeError(f"the app sent {kind} after the response was complete")
             # pathsend always ends the body; zerocopysend may come in several parts.
             last = kind == "http.response.pathsend" or not message.get("more_body", False)
+            self.ended = last
             held = self.start
             if self.mode == _ERROR:
                 # An error page sent as a file: its bytes are not read, the status decides.
@@ -508,9 +516,14 @@ class _Exchange:
                 kept = [pair for pair in held["headers"] if pair[0].lower() != id_name]
                 kept.append((id_name, self.request_id))
                 await self._send_start({**held, "headers": kept})
-            await self._pass_on(message, ends=last)
-        elif kind != "http.response.trailers" or self.mode != _ERROR:
-            # Trailers of an error response are dropped: the envelope is sent without them.
+            await self._pass_on(message, ends=last and not self.trailers)
+        elif kind == "http.response.trailers":
+            # An error response's are dropped: the envelope is sent without them. A
+            # passed-through response's last trailers are its last message (ASGI's
+            # HTTP trailers extension).
+            if self.mode != _ERROR:
+                await self._pass_on(message, ends=self.trailers and not message.get("more_trailers", False))
+        else:
             await self._pass_on(message, ends=False)
 
     async def _pass_on(self, message: Message, *, ends: bool) -> None:
@@ -520,7 +533,9 @@ class _Exchange:
         client that left (ASGI 2.4) for these messages as for the middleware's own,
         and the response is complete once the server took the last of them.
         """
-        size = len(message.get("body", b""))
+        body = message.get("body", b"")
+        # The bytes, not the items, of a memoryview of a typed array.
+        size = len(body) if type(body) is bytes else memoryview(body).nbytes
         try:
             await self.send_downstream(message)
         except OSError:
@@ -556,10 +571,10 @@ class _Exchange:
         size = len(prefix) + len(body) + 1
         self.start = None
         self.downstream_started = True
-        self.status = held["status"]
         send = self.send_downstream
         try:
             await send(self._wrapped_start(held, size if received else self._length_of_nothing(held, size)))
+            self.status = held["status"]
             if size <= _JOIN_LIMIT:
                 await send({"type": "http.response.body", "body": b"".join((prefix, body, b"}"))})
             else:
@@ -797,12 +812,12 @@ class _Exchange:
         # called (an app may cancel or drop what `send` returns).
         self.start = None
         self.downstream_started = True
-        self.status = message["status"]
         try:
             await self.send_downstream(message)
         except OSError:
             self.send_failed = True
             raise
+        self.status = message["status"]  # the access event's: what the client was sent
 
     async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
         size = sum(map(len, parts))

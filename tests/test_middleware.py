@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import gzip
 import json
@@ -1280,6 +1281,81 @@ async def test_envelope_refuses_a_body_after_the_response_is_complete(logs: Any)
     assert sent.body == b"x"  # the complete response stands; the app's bug is logged
     [event] = [e for e in logs.entries if e["log_level"] == "error"]
     assert "after the response was complete" in str(event["exc_info"])
+
+
+@pytest.mark.parametrize("content_type", [b"text/plain", b"application/json"], ids=["passed", "wrapped"])
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_refuses_a_second_last_body_sent_before_the_first_is_awaited(
+    logs: Any, content_type: bytes, validate_json: bool
+) -> None:
+    # The end of the body is decided when `send` is called: two last bodies handed
+    # over at once must not give the server two bodies, or two starts and envelopes.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start(200, [(b"content-type", content_type)]))
+        first = send(body(b"[1]"))
+        try:
+            send(body(b"[2]"))
+        finally:
+            await first
+
+    sent = await call(envelope(app, validate_json=validate_json))
+    assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
+    assert b"[2]" not in sent.body
+    [event] = [e for e in logs.entries if e["log_level"] == "error"]
+    assert "after the response was complete" in str(event["exc_info"])
+
+
+async def _request() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+_TRAILERS = {"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")], "more_trailers": False}
+
+
+async def test_envelope_trailers_the_server_refuses_leave_the_response_incomplete(logs: Any) -> None:
+    # With trailers announced, they are the response's last message, not the last body.
+    app = scripted(start(200, [JSON], trailers=True), body(b"{}"), _TRAILERS)
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.trailers":
+            raise RuntimeError("the server cannot send trailers")
+
+    with pytest.raises(RuntimeError, match="cannot send trailers"):
+        await envelope(app)(make_scope(), _request, send)
+    [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
+    assert event["response_complete"] is False
+
+
+async def test_envelope_an_app_that_announces_trailers_and_sends_none_is_mid_response(logs: Any) -> None:
+    sent = await call(envelope(scripted(start(200, [JSON], trailers=True), body(b"{}"))))
+    assert not sent.messages[-1].get("more_body", False)  # what the app sent, passed on
+    assert [e["event"] for e in logs.entries if e["log_level"] == "error"] == ["app_returned_mid_response"]
+
+
+async def test_envelope_trailers_complete_a_response_once_taken(logs: Any) -> None:
+    sent = await call(envelope(scripted(start(200, [JSON], trailers=True), body(b"{}"), _TRAILERS)))
+    assert sent.messages[-1] == _TRAILERS
+    assert [e for e in logs.entries if e["log_level"] in ("warning", "error")] == []
+
+
+async def test_envelope_access_event_has_no_status_when_the_server_refused_the_start(logs: Any) -> None:
+    # README: `status` is what was sent, null if nothing was.
+    async def send(message: Message) -> None:
+        raise OSError("connection reset by peer")
+
+    app = scripted(start(200, [(b"content-type", b"text/plain")]), body(b"x"))
+    await EnvelopeMiddleware(app)(make_scope(), _request, send)
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert (access["status"], access["bytes_sent"]) == (None, 0)
+
+
+async def test_envelope_access_event_counts_bytes_of_a_typed_memoryview(logs: Any) -> None:
+    data = memoryview(array.array("i", [1, 2, 3, 4]))  # 4 items, 16 bytes
+    # A bytes-like body, which servers accept.
+    message = {"type": "http.response.body", "body": data}
+    sent = await call(EnvelopeMiddleware(scripted(start(200, [(b"content-type", b"text/plain")]), message)))
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["bytes_sent"] == len(sent.body) == data.nbytes
 
 
 # -- the error serializer cannot fail ---------------------------------------------
