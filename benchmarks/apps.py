@@ -10,7 +10,7 @@ import os
 
 import orjson
 import structlog
-from floor import compiled_layer
+from floor import CheckedLayer, compiled_layer
 from inprocess import payload, quiet_structlog, stacks
 from starlette.types import ASGIApp
 
@@ -59,3 +59,8 @@ def envelope_validating_logged() -> ASGIApp:
 def compiled() -> ASGIApp:
     """floor.py's compiled layer around the bare app; load.py builds it into $CFLOOR_DIR."""
     return compiled_layer(_stack("bare"))
+
+
+def floor() -> ASGIApp:
+    """floor.py's `checked` layer around the bare app: the contract's required work, in Python."""
+    return CheckedLayer(_stack("bare"))

@@ -9,6 +9,7 @@ of the server, and the ratio of requests/s to the bare app's.
     python benchmarks/load.py --duration 3 --repeats 1 --sizes 200B   # a quick look
     python benchmarks/load.py --workers 2
     python benchmarks/load.py --sizes 200B --stacks compiled   # floor.py's compiled layer, opt-in
+    python benchmarks/load.py --sizes 200B --stacks floor compiled mypyc envelope_validating
 
 wrk comes from Debian's package (`apt-get install wrk`). The server and wrk are
 pinned to separate cores with taskset when the machine has two or more.
@@ -29,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,9 +52,14 @@ STACKS = [
     "envelope_validating_logged",
     "gateway",
 ]
-# Not run unless named: floor.py's measuring prototype in C (needs a C compiler),
-# which serves only this benchmark's response shape.
-OPT_IN = ["compiled"]
+# Not run unless named, since they answer one question (what would a faster
+# implementation keep under load?) rather than compare stacks a user would mount:
+# floor.py's `checked` layer (the contract's required work in Python) and the same
+# in C (needs a C compiler), both serving only this benchmark's response shape;
+# and EnvelopeMiddleware, validating, compiled with mypyc from this checkout.
+OPT_IN = ["floor", "compiled", "mypyc"]
+# The hot-path modules mypyc compiles; the rest of the package stays Python.
+MYPYC_MODULES = ["middleware.py", "_http.py", "request_id.py", "_context.py"]
 LABELS = {
     "bare": "bare Starlette",
     "correlation_id": "asgi-correlation-id",
@@ -61,8 +68,12 @@ LABELS = {
     "envelope_validating": "envelope, validating",
     "envelope_validating_logged": "envelope, validating + access log",
     "gateway": "reference gateway (GET /orders)",
+    "floor": "Python floor (floor.py's checked)",
     "compiled": "compiled floor (C, floor.py)",
+    "mypyc": "envelope, validating, mypyc-compiled",
 }
+# The app factory in apps.py each stack is served by, where it is not the stack's own name.
+FACTORY = {"mypyc": "envelope_validating"}
 # The gateway's pages: size=1 is about 350 B, size=100 about 33 KB; larger pages are not offered.
 GATEWAY_PAGE = {"200B": 1, "100KB": 100, "1MB": 100}
 AUTH = "Basic " + __import__("base64").b64encode(b"demo_partner:demo_secret").decode()
@@ -84,6 +95,16 @@ class Run:
     round_rps: list[float] = field(default_factory=list)  # each round's req/s, in round order
 
 
+def build_mypyc_package() -> str:
+    """A copy of the package with its hot path compiled by mypyc; the folder holding it."""
+    folder = Path(tempfile.mkdtemp(prefix="envelope-mypyc-"))
+    shutil.copytree(ROOT / "envelope_middleware", folder / "envelope_middleware")
+    mypyc = Path(sys.executable).with_name("mypyc")
+    modules = [f"envelope_middleware/{name}" for name in MYPYC_MODULES]
+    subprocess.run([str(mypyc), *modules], cwd=folder, check=True, stdout=subprocess.DEVNULL)
+    return str(folder)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -97,7 +118,10 @@ def pinned(command: list[str], core: int) -> list[str]:
 
 
 def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "BENCH_BODY_BYTES": str(SIZES[size]), "PYTHONPATH": str(ROOT)}
+    # The mypyc build is a copy of the package elsewhere; `python -m` puts the working
+    # directory first on sys.path, so it is both that and PYTHONPATH.
+    root = Path(os.environ["MYPYC_DIR"]) if stack == "mypyc" else ROOT
+    env = {**os.environ, "BENCH_BODY_BYTES": str(SIZES[size]), "PYTHONPATH": str(root)}
     if stack == "gateway":
         command = [
             sys.executable,
@@ -114,7 +138,7 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
             sys.executable,
             "-m",
             "uvicorn",
-            f"apps:{stack}",
+            f"apps:{FACTORY.get(stack, stack)}",
             "--factory",
             "--app-dir",
             str(HERE),
@@ -136,7 +160,7 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
             "asgi3",
         ]
     process = subprocess.Popen(
-        pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+        pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root
     )
     url = target_url(stack, size, port)
     deadline = time.monotonic() + 30
@@ -344,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         args.stacks.insert(0, "bare")
     if "compiled" in args.stacks:
         os.environ["CFLOOR_DIR"] = build_compiled_layer()  # inherited by the servers
+    if "mypyc" in args.stacks:
+        os.environ["MYPYC_DIR"] = build_mypyc_package()
     runs = measure(args)
     text = table(runs, args)
     print(text)
