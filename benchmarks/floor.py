@@ -16,15 +16,17 @@ counts rather than guessed:
     compiled, no context   the same without structlog's three ContextVars
 
 against asgi-correlation-id and EnvelopeMiddleware (validating, context, no
-access log). The compiled layer is a measuring prototype that serves this one
-response shape; it shows what the goal asks of compiled code, and is built
-with the system C compiler when this script starts. Each stack wraps a raw
+access log), the latter also with its hot-path modules compiled by mypyc
+into a temporary copy of the package. The compiled layer is a measuring
+prototype that serves this one response shape; it shows what the goal asks
+of compiled code, and is built with the system C compiler when this script
+starts. Each stack wraps a raw
 ASGI app sending a 200 B JSON body, and is run under `valgrind
 --tool=callgrind` for 0 and N requests with a fixed PYTHONHASHSEED: the
 difference divided by N is repeatable to a few hundred instructions, whatever
 else the machine is doing.
 
-    python benchmarks/floor.py               # needs valgrind and a C compiler; about 3 minutes
+    python benchmarks/floor.py               # needs valgrind, a C compiler and mypyc; about 3 minutes
     python benchmarks/floor.py --markdown results/floor.md
 """
 
@@ -36,6 +38,7 @@ import importlib
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -189,6 +192,26 @@ def compiled_layer(app: ASGIApp, *, context: bool = True) -> ASGIApp:
     return layer
 
 
+# The hot-path modules mypyc compiles; the rest of the package stays Python.
+MYPYC_MODULES = ["middleware.py", "_http.py", "request_id.py", "_context.py"]
+MYPYC_STACK = "EnvelopeMiddleware, mypyc"
+
+
+def build_mypyc_package() -> str:
+    """A copy of the package with its hot path compiled by mypyc; the folder holding it.
+
+    Whoever imports the package with this folder first on sys.path gets the compiled copy.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="envelope-mypyc-"))
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent / "envelope_middleware", folder / "envelope_middleware"
+    )
+    mypyc = Path(sys.executable).with_name("mypyc")
+    modules = [f"envelope_middleware/{name}" for name in MYPYC_MODULES]
+    subprocess.run([str(mypyc), *modules], cwd=folder, check=True, stdout=subprocess.DEVNULL)
+    return str(folder)
+
+
 def build_compiled_layer() -> str:
     """Compile cfloor.c with the system C compiler; the folder holding the module."""
     folder = tempfile.mkdtemp(prefix="cfloor-")
@@ -214,6 +237,8 @@ STACKS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     "compiled, no context": lambda app: compiled_layer(app, context=False),
     "asgi-correlation-id": CorrelationIdMiddleware,
     "EnvelopeMiddleware": lambda app: EnvelopeMiddleware(app, access_log=False),
+    # The same; its process imports the package from $MYPYC_DIR (see `instructions`).
+    MYPYC_STACK: lambda app: EnvelopeMiddleware(app, access_log=False),
 }
 
 
@@ -248,7 +273,11 @@ def instructions(stack: str, count: int) -> int:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={
+            **os.environ,
+            "PYTHONHASHSEED": "0",
+            **({"PYTHONPATH": os.environ["MYPYC_DIR"]} if stack == MYPYC_STACK else {}),
+        },
     )
     found = re.search(r"Collected : (\d+)", result.stderr)
     if found is None:  # pragma: no cover - valgrind changed its report
@@ -294,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         run_requests(args.one[0], int(args.one[1]))
         return 0
     os.environ["CFLOOR_DIR"] = build_compiled_layer()
+    os.environ["MYPYC_DIR"] = build_mypyc_package()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = list(pool.map(lambda stack: per_request(stack, args.count), STACKS))
     text = report(dict(zip(STACKS, counts, strict=True)), args.count)

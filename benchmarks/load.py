@@ -30,13 +30,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx2
-from floor import build_compiled_layer
+from floor import build_compiled_layer, build_mypyc_package
 from inprocess import code_version
 
 HERE = Path(__file__).resolve().parent
@@ -58,8 +57,6 @@ STACKS = [
 # in C (needs a C compiler), both serving only this benchmark's response shape;
 # and EnvelopeMiddleware, validating, compiled with mypyc from this checkout.
 OPT_IN = ["floor", "compiled", "mypyc"]
-# The hot-path modules mypyc compiles; the rest of the package stays Python.
-MYPYC_MODULES = ["middleware.py", "_http.py", "request_id.py", "_context.py"]
 LABELS = {
     "bare": "bare Starlette",
     "correlation_id": "asgi-correlation-id",
@@ -93,16 +90,6 @@ class Run:
     # pairing cancels the drift between rounds that a ratio of medians keeps.
     vs_bare: float
     round_rps: list[float] = field(default_factory=list)  # each round's req/s, in round order
-
-
-def build_mypyc_package() -> str:
-    """A copy of the package with its hot path compiled by mypyc; the folder holding it."""
-    folder = Path(tempfile.mkdtemp(prefix="envelope-mypyc-"))
-    shutil.copytree(ROOT / "envelope_middleware", folder / "envelope_middleware")
-    mypyc = Path(sys.executable).with_name("mypyc")
-    modules = [f"envelope_middleware/{name}" for name in MYPYC_MODULES]
-    subprocess.run([str(mypyc), *modules], cwd=folder, check=True, stdout=subprocess.DEVNULL)
-    return str(folder)
 
 
 def free_port() -> int:

@@ -47,12 +47,13 @@ SCOPE_KEY = "envelope_middleware.request_id"
 # for the middleware to answer for when the app's stand-in error response arrives.
 HANDED_OVER_KEY = "envelope_middleware.exception"
 
-# Up to this size, prefix, body and suffix are joined into one message. The copy
-# costs ~40 us at 1 MB in process, but each extra message is an extra write on
-# the socket: under uvicorn and wrk, three writes for a 100 KB body served 0.61
-# of the bare app's requests/s and one write 0.99 (benchmarks/results/join_ab.md).
-# Above it, the body goes out as it is and the temporary copy is avoided.
-_JOIN_LIMIT = 2 * 1024 * 1024
+# Up to this size, prefix, body and suffix are joined into one message: each extra
+# message is an extra write on the socket, and under uvicorn and wrk three writes
+# for a 100 KB body served 0.61 of the bare app's requests/s and one write 0.99 on
+# one machine (0.81 and 0.84 on another), 0.80 and 0.93 at 512 KB. Above it the
+# body goes out as it is: joining 1 MB served 0.66 with a p99 of 864 ms, against
+# 0.89 and 41 ms for three writes (benchmarks/results/join_ab.md).
+_JOIN_LIMIT = 512 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2
 _FIELD_VALUE_INVALID = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # RFC 9110 §5.5: no CTLs but HTAB
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
