@@ -304,6 +304,7 @@ class _Exchange:
     bytes_sent = 0
     downstream_started = False
     ended = False  # the app has sent its last body message (taken or not)
+    streamed = False  # the app has sent a body message that was not its last
     complete = False  # the server has taken the response's last message
     trailers = False  # a passed-through start announced trailers: they end the response
     disconnected = False  # the app was told the client left
@@ -349,20 +350,23 @@ class _Exchange:
             # an app may call `send` again before awaiting the last body.
             if self.ended:
                 raise RuntimeError("the app sent a body after the response was complete")
-            last = not message.get("more_body", False)
-            self.ended = last
             mode = self.mode
+            if mode == _NOT_STARTED:
+                return self._on_body(message)  # refused there, and nothing has ended
+            if message.get("more_body", False):
+                self.streamed = True
+                return self._pass_on(message, ends=False) if mode == _PASS else self._on_body(message)
+            self.ended = True
             if mode == _PASS:
-                return self._pass_on(message, ends=last and not self.trailers)
+                return self._pass_on(message, ends=not self.trailers)
             if (
-                last
-                and mode in (_WRAP_BUFFER, _WRAP_STREAM)
+                mode in (_WRAP_BUFFER, _WRAP_STREAM)
+                and not self.streamed
                 and (held := self.start) is not None
-                and not self.chunks
-                and not self.skipped
             ):
                 # A body in one message, the common case in both modes: one coroutine
-                # sends it whole, with no streaming bookkeeping.
+                # sends it whole, with no streaming bookkeeping. Not after an earlier
+                # body message, even one not awaited yet: it goes first, through _on_body.
                 return self._send_wrapped(held, message.get("body", b""))
             return self._on_body(message)
         if kind == "http.response.start":
@@ -422,7 +426,12 @@ class _Exchange:
                 if status == 205:
                     kept.append((b"content-length", b"0"))
             kept.append((id_name, self.request_id))
-            return {**message, "headers": kept}
+            forward = {**message, "headers": kept}
+            if mode == _BODYLESS:
+                # No content, so no trailer section either (RFC 9110 §6.5): the start does
+                # not announce one, and the app's trailers are dropped as its body is.
+                forward.pop("trailers", None)
+            return forward
         self.start = message
         return None
 
@@ -454,14 +463,16 @@ class _Exchange:
     async def _on_body(self, message: Message) -> None:
         mode = self.mode
         body: bytes = message.get("body", b"")
+        if type(body) is not bytes:
+            # A bytearray or memoryview, which servers accept: as bytes, so that sizes
+            # count bytes (a typed memoryview's len counts its items) and joins work.
+            body = bytes(body)
         more: bool = message.get("more_body", False)
         held = self.start
         if held is None:
             if mode == _WRAP_STREAM:
                 end = b"}"
                 if self.awaiting_document:
-                    if type(body) is not bytes:
-                        body = bytes(body)  # a bytearray or memoryview, which servers accept
                     if not is_blank(body):
                         self.awaiting_document = False
                     else:
@@ -519,10 +530,10 @@ class _Exchange:
                 await self._send_start({**held, "headers": kept})
             await self._pass_on(message, ends=last and not self.trailers)
         elif kind == "http.response.trailers":
-            # An error response's are dropped: the envelope is sent without them. A
+            # An error or bodyless response's are dropped: it is sent without them. A
             # passed-through response's last trailers are its last message (ASGI's
             # HTTP trailers extension).
-            if self.mode != _ERROR:
+            if self.mode not in (_ERROR, _BODYLESS):
                 await self._pass_on(message, ends=self.trailers and not message.get("more_trailers", False))
         else:
             await self._pass_on(message, ends=False)
@@ -592,8 +603,6 @@ class _Exchange:
         self.bytes_sent = size
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
-        if type(body) is not bytes:
-            body = bytes(body)
         if self.chunks:
             self.chunks.append(body)
             body = b"".join(self.chunks)
@@ -800,8 +809,8 @@ class _Exchange:
         headers.append((b"content-type", b"application/json"))
         headers.append((b"content-length", b"%d" % len(body)))
         headers.append((self.mw.id_header, self.request_id))
-        self.error_code = failure.code
         await self._send_start({"type": "http.response.start", "status": failure.status, "headers": headers})
+        self.error_code = failure.code  # with the status: what the client was sent
         if self.scope["method"] == "HEAD":
             body = b""  # RFC 9110 §9.3.2: the headers say what a GET would have sent
         await self._write((body,), more=False)

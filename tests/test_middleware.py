@@ -1355,6 +1355,68 @@ async def test_envelope_access_event_has_no_status_when_the_server_refused_the_s
     assert (access["status"], access["bytes_sent"]) == (None, 0)
 
 
+async def test_envelope_access_event_has_no_error_code_when_the_server_refused_the_error(logs: Any) -> None:
+    async def send(message: Message) -> None:
+        raise OSError("connection reset by peer")
+
+    await EnvelopeMiddleware(raising(ResourceNotFound()))(make_scope(), _request, send)
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert (access["status"], access["error_code"]) == (None, None)
+
+
+@pytest.mark.parametrize("content_type", [b"text/plain", b"application/json"], ids=["passed", "wrapped"])
+async def test_envelope_a_refused_body_before_the_start_ends_nothing(content_type: bytes) -> None:
+    # The app's bug is refused; an app that catches it and responds is answered as usual.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with pytest.raises(RuntimeError, match=r"before http\.response\.start"):
+            await send(body(b"[1]"))
+        await send(start(200, [(b"content-type", content_type)]))
+        await send(body(b"[2]"))
+
+    sent = await call(envelope(app))
+    assert sent.status == 200
+    assert sent.body == b"[2]" if content_type == b"text/plain" else sent.json()["data"] == [2]
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_body_messages_sent_before_any_is_awaited_keep_their_order(
+    validate_json: bool,
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start(200, [JSON]))
+        first, last = send(body(b"[1,", more=True)), send(body(b"2]"))
+        await first
+        await last
+
+    sent = await call(envelope(app, validate_json=validate_json))
+    assert [m["type"] for m in sent.messages].count("http.response.start") == 1
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": [1, 2]}
+    assert sent.header("content-length") in (None, str(len(sent.body)))
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_envelope_a_bodyless_status_announces_and_sends_no_trailers(logs: Any, status: int) -> None:
+    # RFC 9110 §6.5: no content, no trailer section; the response ends with its empty body.
+    app = scripted(start(status, [JSON], trailers=True), body(b""), _TRAILERS)
+    sent = await call(EnvelopeMiddleware(app))
+    assert "trailers" not in sent.start
+    assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
+    assert [e for e in logs.entries if e["log_level"] in ("warning", "error")] == []
+
+
+async def test_envelope_access_event_counts_bytes_of_a_typed_memoryview_in_a_stream(logs: Any) -> None:
+    typed = memoryview(array.array("i", [0x79797979] * 4))  # 4 items, 16 bytes: b"yyyy" * 4
+    messages = [
+        body(b'"', more=True),
+        {"type": "http.response.body", "body": typed, "more_body": True},
+        body(b'"'),
+    ]
+    sent = await call(EnvelopeMiddleware(scripted(start(200, [JSON]), *messages), validate_json=False))
+    assert sent.json()["data"] == "y" * 16
+    [access] = [e for e in logs.entries if e["event"] == "http_request"]
+    assert access["bytes_sent"] == len(sent.body)
+
+
 async def test_envelope_access_event_counts_bytes_of_a_typed_memoryview(logs: Any) -> None:
     data = memoryview(array.array("i", [1, 2, 3, 4]))  # 4 items, 16 bytes
     # A bytes-like body, which servers accept.
