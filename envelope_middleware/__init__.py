@@ -19,6 +19,7 @@ from envelope_middleware.exceptions import (
     ServiceUnavailable,
     StateInvalidTransition,
 )
+from envelope_middleware.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryStore
 from envelope_middleware.logging import RequestIdFilter
 from envelope_middleware.middleware import EnvelopeMiddleware
 from envelope_middleware.propagation import (
@@ -48,7 +49,10 @@ __all__ = [
     "EnvelopeMiddleware",
     "ErrorSpec",
     "IdempotencyKeyConflict",
+    "IdempotencyMiddleware",
+    "IdempotencyStore",
     "Internal",
+    "MemoryStore",
     "MethodNotAllowed",
     "RateLimited",
     "RequestIdFilter",

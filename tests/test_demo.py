@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -73,6 +74,11 @@ def gateway(
     for recorder in gateway_server[1].values():
         recorder.seen.clear()
     return gateway_server
+
+
+def fresh_key() -> dict[str, str]:
+    """A new Idempotency-Key: the gateway's writes require one (issue #10)."""
+    return {"Idempotency-Key": uuid.uuid4().hex}
 
 
 def check_envelope(response: httpx2.Response) -> dict[str, Any]:
@@ -153,7 +159,9 @@ def test_demo_brands_page_lives_under_data_0_brands(gateway: Any) -> None:
 
 def test_demo_item_availability_changes(gateway: Any) -> None:
     client, recorders = gateway
-    response = client.patch("/items/1/availability", json={"available": False}, auth=FULL)
+    response = client.patch(
+        "/items/1/availability", json={"available": False}, headers=fresh_key(), auth=FULL
+    )
     assert check_envelope(response)["data"]["status"] == "out_of_stock"
     assert recorders["brands"].seen == [response.headers["x-request-id"]]
 
@@ -227,7 +235,7 @@ def test_demo_wrong_credentials_are_auth_invalid_credential(gateway: Any, auth: 
 )
 def test_demo_missing_scope_is_auth_forbidden(gateway: Any, method: str, path: str, scope: str) -> None:
     client, _ = gateway
-    response = client.request(method, path, json={"available": True}, auth=READ_ONLY)
+    response = client.request(method, path, json={"available": True}, headers=fresh_key(), auth=READ_ONLY)
     error = error_of(response, 403, "auth_forbidden")
     assert error["details"]["required_scope"] == scope
 
@@ -260,7 +268,11 @@ def test_demo_brand_and_branch_must_come_together(gateway: Any, given: str) -> N
 @pytest.mark.parametrize("content", [b"not json", b'{"available": "yes"}', b"[]"])
 def test_demo_invalid_patch_body_is_request_invalid(gateway: Any, content: bytes) -> None:
     client, _ = gateway
-    error_of(client.patch("/items/1/availability", content=content, auth=FULL), 400, "request_invalid")
+    error_of(
+        client.patch("/items/1/availability", content=content, headers=fresh_key(), auth=FULL),
+        400,
+        "request_invalid",
+    )
 
 
 def test_demo_unknown_routes_and_methods(gateway: Any) -> None:
@@ -282,7 +294,9 @@ def test_demo_order_not_found_keeps_the_service_message(gateway: Any) -> None:
 
 def test_demo_archived_item_is_state_invalid_transition(gateway: Any) -> None:
     client, _ = gateway
-    response = client.patch(f"/items/{ARCHIVED_ITEM_EVERY}/availability", json={"available": True}, auth=FULL)
+    response = client.patch(
+        f"/items/{ARCHIVED_ITEM_EVERY}/availability", json={"available": True}, headers=fresh_key(), auth=FULL
+    )
     error = error_of(response, 422, "state_invalid_transition")
     assert error["details"] == {"item_id": ARCHIVED_ITEM_EVERY, "from": "archived"}
 
@@ -292,7 +306,9 @@ def test_demo_unknown_item_is_resource_unmapped(gateway: Any, item_id: str) -> N
     # The brands service answers problem+json for 9999; the others never reach it.
     client, _ = gateway
     error = error_of(
-        client.patch(f"/items/{item_id}/availability", json={"available": True}, auth=FULL),
+        client.patch(
+            f"/items/{item_id}/availability", json={"available": True}, headers=fresh_key(), auth=FULL
+        ),
         404,
         "resource_unmapped",
     )
@@ -302,7 +318,9 @@ def test_demo_unknown_item_is_resource_unmapped(gateway: Any, item_id: str) -> N
 @pytest.mark.parametrize("item_id", ["abc", "1" * 13, "9" * 5000, "1e3"])
 def test_demo_a_path_that_is_no_item_id_is_not_echoed(gateway: Any, item_id: str) -> None:
     client, _ = gateway
-    response = client.patch(f"/items/{item_id}/availability", json={"available": True}, auth=FULL)
+    response = client.patch(
+        f"/items/{item_id}/availability", json={"available": True}, headers=fresh_key(), auth=FULL
+    )
     error = error_of(response, 404, "resource_unmapped")
     assert error["details"] == {}
     assert item_id not in response.text
@@ -442,15 +460,32 @@ def test_demo_cli_parses_backends_and_rejects_bad_combinations(capsys: pytest.Ca
         ["--workers", "0"],
         ["--timeout", "-1"],
         ["--timeout", "nan"],
+        ["--workers", "2"],  # the embedded store would let another worker run a retry again
+        ["--redis-url", "http://127.0.0.1:6379"],
+        ["--idempotency-lease", "1", "--timeout", "1"],
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
-    assert "--backend" in capsys.readouterr().err
+    errors = capsys.readouterr().err
+    assert "--backend" in errors
+    assert "--workers needs --redis-url" in errors
+    options = parse_args(
+        ["--workers", "2", "--redis-url", "redis://127.0.0.1:6390/1", "--idempotency-lease", "5"]
+    )
+    assert (options.workers, options.redis_url, options.idempotency_lease) == (
+        2,
+        "redis://127.0.0.1:6390/1",
+        5.0,
+    )
 
 
 def test_demo_cli_banner_names_credentials_and_curl_lines() -> None:
     text = banner(Options(port=8100))
     assert "demo_partner:demo_secret" in text
+    assert "demo_writer:writer_secret (orders:read, menus:oos)" in text
+    assert "idempotency store: embedded (this process)" in text
+    assert "Idempotency-Key: k1" in text
+    assert "idempotency store: Redis at redis://h:1/0" in banner(Options(redis_url="redis://h:1/0"))
     assert text.count("curl ") >= 8
     assert "orders=in-process" in text
     assert "ord_garbled   # 502 downstream_invalid_response" in text
@@ -478,9 +513,13 @@ def _free_port() -> int:
 
 @pytest.mark.server
 @pytest.mark.parametrize(
-    "extra", [[], ["--serve-backends"], ["--workers", "2"]], ids=["embedded", "own-ports", "workers"]
+    "extra",
+    [[], ["--serve-backends"], ["--workers", "2", "--redis-url"]],
+    ids=["embedded", "own-ports", "workers"],
 )
-def test_demo_cli_serves_the_gateway_over_real_http(extra: list[str]) -> None:
+def test_demo_cli_serves_the_gateway_over_real_http(extra: list[str], request: pytest.FixtureRequest) -> None:
+    if extra and extra[-1] == "--redis-url":
+        extra = [*extra, request.getfixturevalue("redis_server").url]
     port, backend_port = _free_port(), _free_port()
     argv = [
         sys.executable,
@@ -552,7 +591,9 @@ def test_demo_non_ascii_authorization_is_auth_missing(gateway: Any) -> None:
 def test_demo_huge_numbers_are_client_errors_not_crashes(gateway: Any) -> None:
     client, recorders = gateway
     error_of(client.get("/orders", params={"page": "1" * 5000}, auth=FULL), 400, "request_invalid")
-    response = client.patch("/items/" + "1" * 5000 + "/availability", json={"available": True}, auth=FULL)
+    response = client.patch(
+        "/items/" + "1" * 5000 + "/availability", json={"available": True}, headers=fresh_key(), auth=FULL
+    )
     error_of(response, 404, "resource_unmapped")
     assert recorders["brands"].seen == []
 
@@ -621,18 +662,24 @@ def test_demo_availability_body_is_bounded_and_only_its_field_is_forwarded() -> 
     backends: dict[str, Any] = {**create_backends(), "brands": brands}
     with TestClient(create_gateway(backends, access_log=False)) as client:
         change = {"available": False, "business_id": "someone-else", "note": "x"}
-        response = client.patch("/items/3/availability", json=change, auth=FULL)
+        response = client.patch("/items/3/availability", json=change, headers=fresh_key(), auth=FULL)
         assert check_envelope(response)["data"] == {"ok": True}
         assert [orjson.loads(body) for body in seen] == [{"available": False}]
         big = b'{"available": true, "pad": "' + b"x" * 20_000 + b'"}'
         for extra in ({}, {"transfer-encoding": "chunked"}):
-            response = client.patch("/items/3/availability", content=iter([big]) if extra else big, auth=FULL)
+            response = client.patch(
+                "/items/3/availability", content=iter([big]) if extra else big, headers=fresh_key(), auth=FULL
+            )
             error = error_of(response, 413, "request_invalid")
             assert error["details"] == {"max_bytes": 16 * 1024}
         assert len(seen) == 1
     # A Content-Length too long for int() is too large, not a crash.
     credentials = base64.b64encode(b"demo_partner:demo_secret")
-    headers = [(b"authorization", b"Basic " + credentials), (b"content-length", b"9" * 5000)]
+    headers = [
+        (b"authorization", b"Basic " + credentials),
+        (b"content-length", b"9" * 5000),
+        (b"idempotency-key", b"k"),
+    ]
     sent = asyncio.run(call(create_gateway(backends), "PATCH", "/items/3/availability", headers))
     assert (sent.status, sent.json()["error"]["code"]) == (413, "request_invalid")
 
@@ -643,13 +690,16 @@ def test_demo_a_content_length_with_leading_zeros_is_its_number(gateway: Any) ->
     change = b'{"available": true}'
     declared = "0" * 12 + str(len(change))  # h11, the client here, sends at most 20 digits
     response = client.patch(
-        "/items/3/availability", content=change, headers={"content-length": declared}, auth=FULL
+        "/items/3/availability",
+        content=change,
+        headers={"content-length": declared, **fresh_key()},
+        auth=FULL,
     )
     assert check_envelope(response)["data"]["status"] == "available"
     big = b" " * 16_385
     declared = "0" * 12 + str(len(big))
     response = client.patch(
-        "/items/3/availability", content=big, headers={"content-length": declared}, auth=FULL
+        "/items/3/availability", content=big, headers={"content-length": declared, **fresh_key()}, auth=FULL
     )
     error_of(response, 413, "request_invalid")
 

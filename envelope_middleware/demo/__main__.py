@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 
 from envelope_middleware.demo.backends import create_backends
 from envelope_middleware.demo.gateway import CREDENTIALS, configure_logging, create_gateway
+from envelope_middleware.idempotency.redis_store import RedisStore
 
 BACKENDS = ("orders", "branches", "brands")
 _ENV = "ENVELOPE_DEMO_BACKENDS"  # how `--workers N` hands backend URLs to each worker
@@ -34,6 +35,8 @@ class Options:
     request_id_format: str = "hex"
     trusted: bool = False
     access_log: bool = True
+    redis_url: str | None = None
+    idempotency_lease: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -60,6 +63,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--request-id-format", choices=["hex", "prefixed_uuid"], default="hex")
     parser.add_argument("--trusted", action="store_true", help="trust backend JSON: no validation")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false")
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="keep Idempotency-Key state in Redis (redis://host:port/db), shared by every worker; "
+        "without it the embedded store of one process is used",
+    )
+    parser.add_argument(
+        "--idempotency-lease",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long a write in flight holds its key (default: the larger of 10 s and four timeouts)",
+    )
     args = parser.parse_args(argv)
     backends: dict[str, str] = {}
     for spec in args.backend:
@@ -74,6 +89,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("--serve-backends and --backend exclude each other")
     if args.serve_backends and args.workers > 1:
         parser.error("--serve-backends runs in one process; give --backend URLs to use --workers")
+    if args.redis_url is not None and not args.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        parser.error(f"--redis-url takes redis://, rediss:// or unix:// URLs: {args.redis_url!r}")
+    if args.workers > 1 and args.redis_url is None:
+        # Each worker would keep its own embedded store: a retry that another
+        # worker answers would run the write a second time (issue #10).
+        parser.error("--workers needs --redis-url: the embedded idempotency store lives in one process")
+    if args.idempotency_lease is not None and args.idempotency_lease <= args.timeout:
+        parser.error(
+            "--idempotency-lease must be longer than --timeout: a write waits that long on its backend"
+        )
     if args.serve_backends and (
         args.backend_port + len(BACKENDS) > _MAX_PORT + 1
         or args.backend_port <= args.port < args.backend_port + len(BACKENDS)
@@ -91,6 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         request_id_format=args.request_id_format,
         trusted=args.trusted,
         access_log=args.access_log,
+        redis_url=args.redis_url,
+        idempotency_lease=args.idempotency_lease,
     )
 
 
@@ -137,8 +164,11 @@ def build(options: Options) -> ASGIApp:
     targets: dict[str, ASGIApp | str] = {
         name: options.backends.get(name) or embedded[name] for name in BACKENDS
     }
+    store = RedisStore.from_url(options.redis_url) if options.redis_url else None
     return create_gateway(
         targets,
+        idempotency_store=store,
+        idempotency_lease=options.idempotency_lease,
         timeout=options.timeout,
         request_id_format="prefixed_uuid" if options.request_id_format == "prefixed_uuid" else "hex",
         validate_json=not options.trusted,
@@ -150,6 +180,10 @@ def banner(options: Options) -> str:
     base = f"http://{options.host}:{options.port}"
     key, secret = CREDENTIALS[0].partner_key, CREDENTIALS[0].secret
     ro_key, ro_secret = CREDENTIALS[1].partner_key, CREDENTIALS[1].secret
+    w_key, w_secret = CREDENTIALS[2].partner_key, CREDENTIALS[2].secret
+    store = f"Redis at {options.redis_url}" if options.redis_url else "embedded (this process)"
+    patch = f"curl -si -u {key}:{secret} -X PATCH {base}/items/1/availability"
+    off, on = "-d '{\"available\": false}'", "-d '{\"available\": true}'"
     where = ", ".join(f"{name}={options.backends.get(name, 'in-process')}" for name in BACKENDS)
     garbled = (
         "200 with the broken body: --trusted skips the check"
@@ -159,20 +193,31 @@ def banner(options: Options) -> str:
     return "\n".join(
         [
             f"partner gateway on {base}  (backends: {where})",
-            f"credentials: {key}:{secret} (all scopes), {ro_key}:{ro_secret} (orders:read only)",
+            f"credentials: {key}:{secret} (all scopes), {ro_key}:{ro_secret} (orders:read only),",
+            f"             {w_key}:{w_secret} (orders:read, menus:oos)",
+            f"idempotency store: {store}",
             "try:",
             f"  curl -si -u {key}:{secret} '{base}/orders?page=1&size=2'",
             f"  curl -si -u {key}:{secret} '{base}/branches?size=3'",
             f"  curl -si -u {key}:{secret} '{base}/brands'",
             (
                 f"  curl -si -u {key}:{secret} -X PATCH {base}/items/13/availability "
-                "-d '{\"available\": false}'   # 422 state_invalid_transition"
+                "-H 'Idempotency-Key: a13' -d '{\"available\": false}'   # 422 state_invalid_transition"
             ),
             f"  curl -si -u {key}:{secret} {base}/orders/ord_crash     # 500, nothing leaked",
             f"  curl -si -u {key}:{secret} {base}/orders/ord_slow      # 504 downstream_timeout",
             f"  curl -si -u {key}:{secret} {base}/orders/ord_garbled   # {garbled}",
             f"  curl -si -u {ro_key}:{ro_secret} {base}/brands         # 403 auth_forbidden",
             f"  curl -si '{base}/orders?brand_id=1'                     # 401 auth_missing",
+            "writes need an Idempotency-Key; the same key again replays the first answer:",
+            f"  {patch} -H 'Idempotency-Key: k1' {off}   # 200, runs",
+            f"  {patch} -H 'Idempotency-Key: k1' {off}   # 200, replayed",
+            f"  {patch} -H 'Idempotency-Key: k1' {on}    # 409 idempotency_key_conflict",
+            f"  {patch} {on}        # 400 request_missing_idempotency_key",
+            (
+                f"  curl -si -u {w_key}:{w_secret} -X PATCH {base}/items/1/availability "
+                f"-H 'Idempotency-Key: k1' {on}   # 200: another partner's k1 is its own"
+            ),
         ]
     )
 
@@ -188,6 +233,9 @@ def app_from_environment() -> ASGIApp:
     options.trusted = os.environ.get(_ENV + "_TRUSTED") == "1"
     options.access_log = os.environ.get(_ENV + "_ACCESS_LOG", "1") == "1"
     options.request_id_format = os.environ.get(_ENV + "_REQUEST_ID_FORMAT", "hex")
+    options.redis_url = os.environ.get(_ENV + "_REDIS_URL") or None
+    lease = os.environ.get(_ENV + "_IDEMPOTENCY_LEASE")
+    options.idempotency_lease = float(lease) if lease else None
     return build(options)
 
 
@@ -225,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[_ENV + "_TRUSTED"] = "1" if options.trusted else "0"
         os.environ[_ENV + "_ACCESS_LOG"] = "1" if options.access_log else "0"
         os.environ[_ENV + "_REQUEST_ID_FORMAT"] = options.request_id_format
+        os.environ[_ENV + "_REDIS_URL"] = options.redis_url or ""
+        os.environ[_ENV + "_IDEMPOTENCY_LEASE"] = str(options.idempotency_lease or "")
         print(banner(options), flush=True)  # noqa: T201 - the demo's start-up message
         uvicorn.run(
             "envelope_middleware.demo.__main__:app_from_environment",

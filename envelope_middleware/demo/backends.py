@@ -8,7 +8,8 @@ fail. None of them knows about the envelope.
             (FastAPI style); a few poison orders misbehave on purpose.
 * branches: `{"page", "size", "total", "results": [...]}`; errors `{"error": {"code", "message"}}`.
 * brands:   the legacy outer array `[{"page", "size", "total", "brands": [...]}]`, and menu
-            items; errors `{"error": {...}}` and RFC 9457 problem+json.
+            items; errors `{"error": {...}}` and RFC 9457 problem+json. `GET /writes` counts
+            the availability changes it applied, for the exactly-once tests and the soak.
 """
 
 from __future__ import annotations
@@ -112,12 +113,17 @@ def _brands_app(data: DemoData) -> Starlette:
             }
             return _json({"error": error}, status=422)
         item["status"] = "available" if change["available"] else "out_of_stock"
+        data.writes_executed += 1
         return _json(item)
+
+    async def writes(_request: Request) -> Response:
+        return _json({"executed": data.writes_executed})
 
     return Starlette(
         routes=[
             Route("/brands", list_brands),
             Route("/items/{item_id:int}/availability", item_availability, methods=["PATCH"]),
+            Route("/writes", writes),
         ]
     )
 

@@ -90,6 +90,9 @@ class DemoData:
     branches: list[dict[str, Any]] = field(default_factory=list)
     items: dict[int, dict[str, Any]] = field(default_factory=dict)
     orders: list[dict[str, Any]] = field(default_factory=list)
+    # Availability changes the brands service actually applied: what proves that a
+    # retried keyed write ran once (issue #10).
+    writes_executed: int = 0
 
 
 def generate(seed: int = 7, *, orders: int = 600) -> DemoData:

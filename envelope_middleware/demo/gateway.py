@@ -11,7 +11,7 @@ import http.cookiejar
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from envelope_middleware import (
     DEFAULT_CATALOGUE,
@@ -36,11 +36,14 @@ from envelope_middleware import (
     DownstreamUnavailable,
     EnvelopeMiddleware,
     ErrorSpec,
+    IdempotencyMiddleware,
+    MemoryStore,
     RequestInvalid,
     ResourceNotFound,
     async_request_id_hook,
 )
 from envelope_middleware._http import is_json_media_type
+from envelope_middleware.idempotency import IdempotencyStore
 from envelope_middleware.request_id import RequestIdFormat
 
 __all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
@@ -80,6 +83,9 @@ CREDENTIALS = (
         "demo_partner", "demo_secret", frozenset({"orders:read", "brands:read", "menus:read", "menus:oos"})
     ),
     Credential("demo_readonly", "readonly_secret", frozenset({"orders:read"})),
+    # A second partner that may write: the same Idempotency-Key from two partners
+    # is two operations (issue #10), which curl can show with these two.
+    Credential("demo_writer", "writer_secret", frozenset({"orders:read", "menus:oos"})),
 )
 
 
@@ -199,23 +205,10 @@ async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Res
     return Response(upstream.content, status_code=status, headers=headers)
 
 
-async def _small_body(request: Request) -> bytes:
-    # RFC 9110 §8.6 allows leading zeros; a length that is no number is left to
-    # the server, and the body's actual size is bounded below either way.
-    declared = _decimal(request.headers.get("content-length", ""))
-    if declared is not None and declared > MAX_BODY_BYTES:
-        raise _body_too_large()
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise _body_too_large()
-    return bytes(body)
-
-
 async def _availability(request: Request) -> bool:
     try:
-        change = orjson.loads(await _small_body(request))
+        # The idempotency middleware in front has read it, and bounded it at MAX_BODY_BYTES.
+        change = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
         change = None
     if not isinstance(change, dict) or not isinstance(change.get("available"), bool):
@@ -240,15 +233,6 @@ def _unmapped(item_id: str) -> ApiError:
     return ApiError("resource_unmapped", "No menu item has this id.", status=404, details=details)
 
 
-def _body_too_large() -> ApiError:
-    return ApiError(
-        "request_invalid",
-        f"The request body is larger than {MAX_BODY_BYTES} bytes.",
-        status=413,
-        details={"max_bytes": MAX_BODY_BYTES},
-    )
-
-
 def create_gateway(
     backends: Mapping[str, ASGIApp | str] | None = None,
     *,
@@ -257,8 +241,16 @@ def create_gateway(
     request_id_format: RequestIdFormat = "hex",
     validate_json: bool = True,
     access_log: bool = True,
+    idempotency_store: IdempotencyStore | None = None,
+    idempotency_lease: float | None = None,
 ) -> Starlette:
-    """The partner gateway: each backend is an in-process ASGI app or a base URL."""
+    """The partner gateway: each backend is an in-process ASGI app or a base URL.
+
+    Writes require an Idempotency-Key, kept in `idempotency_store` (an embedded
+    `MemoryStore` by default: one process only). A claim's lease defaults to
+    the larger of 10 s and four backend timeouts, so a write still waiting on
+    its backend never loses its key.
+    """
     if backends is None:
         from envelope_middleware.demo.backends import create_backends  # noqa: PLC0415 - demo data on demand
 
@@ -312,8 +304,57 @@ def create_gateway(
             raise _unmapped(item_id)  # the brands service's 404 here: no such item
         return response
 
+    def writer(scope: Scope) -> str:
+        # The idempotency key belongs to the partner; a request failing auth or
+        # lacking the scope is answered here and never reaches the store.
+        return _authorize(Request(scope), by_key, items.scope).partner_key
+
+    store = idempotency_store if idempotency_store is not None else MemoryStore()
+    idempotent = Middleware(
+        IdempotencyMiddleware,
+        store=store,
+        principal=writer,
+        require_key=True,
+        lease=idempotency_lease if idempotency_lease is not None else max(10.0, 4 * timeout),
+        max_body_size=MAX_BODY_BYTES,
+    )
+
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    gateway = Starlette(
+        routes=[
+            Route("/orders", list_orders),
+            Route("/orders/{order_id}", get_order),
+            Route("/branches", list_branches),
+            Route("/brands", list_brands),
+            Route(
+                "/items/{item_id}/availability", item_availability, methods=["PATCH"], middleware=[idempotent]
+            ),
+            Route("/health", health),
+        ],
+        middleware=[
+            Middleware(
+                EnvelopeMiddleware,
+                request_id_format=request_id_format,
+                catalogue=CATALOGUE,
+                exclude_paths=["/health"],
+                validate_json=validate_json,
+                access_log=access_log,
+            )
+        ],
+        lifespan=_lifespan(backends, timeout, store),
+    )
+    # A trailing slash is an unknown route (404), not a redirect whose
+    # Location is built from the client's Host header.
+    gateway.router.redirect_slashes = False
+    return gateway
+
+
+def _lifespan(
+    backends: Mapping[str, ASGIApp | str], timeout: float, store: IdempotencyStore
+) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """The gateway's start and stop: one HTTP client per backend, and the store closed at the end."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -336,32 +377,11 @@ def create_gateway(
         finally:
             for client in clients.values():
                 await client.aclose()
+            close_store = getattr(store, "aclose", None)
+            if close_store is not None:
+                await close_store()
 
-    gateway = Starlette(
-        routes=[
-            Route("/orders", list_orders),
-            Route("/orders/{order_id}", get_order),
-            Route("/branches", list_branches),
-            Route("/brands", list_brands),
-            Route("/items/{item_id}/availability", item_availability, methods=["PATCH"]),
-            Route("/health", health),
-        ],
-        middleware=[
-            Middleware(
-                EnvelopeMiddleware,
-                request_id_format=request_id_format,
-                catalogue=CATALOGUE,
-                exclude_paths=["/health"],
-                validate_json=validate_json,
-                access_log=access_log,
-            )
-        ],
-        lifespan=lifespan,
-    )
-    # A trailing slash is an unknown route (404), not a redirect whose
-    # Location is built from the client's Host header.
-    gateway.router.redirect_slashes = False
-    return gateway
+    return lifespan
 
 
 def _refusing_jar() -> http.cookiejar.CookieJar:

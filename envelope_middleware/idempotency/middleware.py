@@ -1,0 +1,345 @@
+"""IdempotencyMiddleware: a write retried under the same Idempotency-Key runs once."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from envelope_middleware.exceptions import (
+    ApiError,
+    IdempotencyKeyConflict,
+    RequestInvalid,
+    RequestMissingIdempotencyKey,
+    ServiceUnavailable,
+)
+from envelope_middleware.idempotency import _record
+from envelope_middleware.idempotency._record import Record, is_recorded
+from envelope_middleware.idempotency.store import Held, IdempotencyStore, MemoryStore, StoreUnavailable
+from envelope_middleware.middleware import HANDED_OVER_KEY, SCOPE_KEY
+
+__all__ = ["IdempotencyMiddleware", "Principal"]
+
+Principal = Callable[[Scope], str | Awaitable[str | None] | None]
+"""Who is calling: the id the gateway authenticated, or None to leave the request alone."""
+
+_KEY = re.compile(rb"[\x21-\x7e]{1,64}")  # the contract's key: 1 to 64 visible ASCII characters
+_WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+_DAY = 24 * 60 * 60.0
+# A retry after this many seconds usually finds the first request done: writes at
+# the gateway take milliseconds, and the contract's own backoff starts at 500 ms.
+_IN_PROGRESS_RETRY_AFTER = "1"
+
+
+class IdempotencyMiddleware:
+    """Run each keyed write once; answer its retries from the recorded response.
+
+    Mount it inside `EnvelopeMiddleware` (its errors and replays then get the
+    envelope and a fresh request id) and where the caller is known.
+
+    Options:
+        principal: scope -> the authenticated caller's id (sync or async). Keys
+            are scoped to it: two callers never share a record. It may raise
+            (an `ApiError` answers as itself) and the store is never touched;
+            None passes the request to the app untouched.
+        store: where state lives; a `MemoryStore()` (one process) by default,
+            `RedisStore` for many workers and hosts.
+        methods: the methods that are writes; other requests ignore the header.
+        require_key: whether a write without the header is refused with
+            `400 request_missing_idempotency_key` (a bool, or scope -> bool).
+        header: the request header carrying the key.
+        ttl: seconds a completed answer is kept for replay (24 hours).
+        lease: seconds a claim in flight holds its key; after that a retry runs
+            again. Keep it above the longest a write can take (its backend timeout).
+        max_body_size: the largest request body read for the fingerprint; larger
+            is `413 request_invalid`.
+        max_response_size: the largest response body recorded; a larger answer
+            keeps its key used, and a retry gets `409` with reason `response_not_recorded`.
+        logger: the structlog logger to write to (default: `envelope_middleware.idempotency`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        principal: Principal,
+        store: IdempotencyStore | None = None,
+        methods: Iterable[str] = _WRITE_METHODS,
+        require_key: bool | Callable[[Scope], bool] = False,
+        header: str = "Idempotency-Key",
+        ttl: float = _DAY,
+        lease: float = 30.0,
+        max_body_size: int = 1024 * 1024,
+        max_response_size: int = 1024 * 1024,
+        logger: Any = None,
+    ) -> None:
+        if not callable(principal):
+            raise TypeError("principal is a callable from the request's scope to the caller's id")
+        for name, seconds in (("ttl", ttl), ("lease", lease)):
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds < math.inf
+            ):
+                raise ValueError(f"{name} is a positive number of seconds, not {seconds!r}")
+        for name, size in (("max_body_size", max_body_size), ("max_response_size", max_response_size)):
+            if type(size) is not int or size < 0:
+                raise ValueError(f"{name} is a number of bytes, not {size!r}")
+        self.app = app
+        self.principal = principal
+        self.store: IdempotencyStore = store if store is not None else MemoryStore()
+        self.methods = frozenset(method.upper() for method in methods)
+        self.require_key = require_key
+        self.header = header
+        self.header_name = header.lower().encode("latin-1")
+        self.ttl = float(ttl)
+        self.lease = float(lease)
+        self.max_body_size = max_body_size
+        self.max_response_size = max_response_size
+        self.logger = (
+            logger if logger is not None else structlog.get_logger("envelope_middleware.idempotency")
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in self.methods:
+            await self.app(scope, receive, send)
+            return
+        # Who is asking comes first: a request that fails authentication is
+        # answered as such and never touches the store.
+        principal = self.principal(scope)
+        if inspect.isawaitable(principal):
+            principal = await principal
+        if principal is None:
+            await self.app(scope, receive, send)
+            return
+        if not isinstance(principal, str):
+            raise TypeError(f"principal returned {type(principal).__name__}, not a str or None")
+        key = self._key(scope)
+        if key is None:
+            required = self.require_key(scope) if callable(self.require_key) else self.require_key
+            if required:
+                raise RequestMissingIdempotencyKey(details={"header": self.header})
+            await self.app(scope, receive, send)
+            return
+
+        body = await self._read_body(scope, receive)
+        fingerprint = _record.fingerprint(
+            scope["method"], scope.get("raw_path") or scope["path"].encode(), scope["query_string"], body
+        )
+        operation = _record.operation_key(principal, key)
+        token = secrets.token_hex(16)
+        try:
+            held = await self.store.claim(operation, token, _record.encode(fingerprint), self.lease)
+        except StoreUnavailable:
+            self.logger.exception("idempotency_store_unavailable", operation="claim")
+            raise ServiceUnavailable(
+                "Writes are unavailable for a moment; retry later.",
+                details={"reason": "idempotency_store_unavailable"},
+                headers={"Retry-After": "1"},
+            ) from None
+        if held is not None:
+            await self._answer_held(held, fingerprint, send)
+            return
+        await _Run(self, scope, operation, token).run(receive, send, body)
+
+    def _key(self, scope: Scope) -> str | None:
+        found: bytes | None = None
+        for name, value in scope["headers"]:
+            if name.lower() == self.header_name:
+                if found is not None:
+                    raise self._invalid_key("must be sent once")
+                found = value
+        if found is None:
+            return None
+        key = bytes(found).strip(b" \t")  # RFC 9110 §5.5: whitespace around a value is not part of it
+        if not _KEY.fullmatch(key):
+            # The value itself is neither repeated back nor logged: it may be anything.
+            raise self._invalid_key("must be 1 to 64 visible ASCII characters")
+        return key.decode("ascii")
+
+    def _invalid_key(self, message: str) -> RequestInvalid:
+        field = {"field": self.header, "location": "header", "message": message, "type": "idempotency_key"}
+        return RequestInvalid(f"The {self.header} header is invalid.", details={"errors": [field]})
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_size:
+            raise self._too_large()
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            body += message.get("body", b"")
+            if len(body) > self.max_body_size:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                return bytes(body)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            "request_invalid",
+            f"The request body is larger than {self.max_body_size} bytes.",
+            status=413,
+            details={"max_bytes": self.max_body_size},
+        )
+
+    async def _answer_held(self, held: Held, fingerprint: _record.Fingerprint, send: Send) -> None:
+        differs = fingerprint.differences(_record.decode_fingerprint(held.fingerprint))
+        if differs:
+            self.logger.info("idempotency_key_conflict", reason="request_mismatch", differs=differs)
+            raise IdempotencyKeyConflict(
+                "This Idempotency-Key was used with a different request.",
+                details={"reason": "request_mismatch", "differs": differs},
+            )
+        if held.response is None:
+            self.logger.info("idempotency_key_conflict", reason="in_progress")
+            raise IdempotencyKeyConflict(
+                "A request with this Idempotency-Key is still in progress; retry later.",
+                details={"reason": "in_progress"},
+                headers={"Retry-After": _IN_PROGRESS_RETRY_AFTER},
+            )
+        record = _record.decode_record(held.response)
+        self.logger.info("idempotent_replay", original_request_id=record.request_id, status=record.status)
+        record.raise_error()
+        marks = record.replay_marks()
+        if record.body is None:
+            raise IdempotencyKeyConflict(
+                "This Idempotency-Key's request ran, but its response was not recorded; read the resource.",
+                details={"reason": "response_not_recorded"},
+                headers=[(name.decode("ascii"), value.decode("ascii")) for name, value in marks],
+            )
+        headers = [*record.headers, *marks]
+        headers.append((b"content-length", str(len(record.body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": record.status, "headers": headers})
+        await send({"type": "http.response.body", "body": record.body, "more_body": False})
+
+
+class _Run:
+    """One first request: the app runs, its answer is recorded (or the key released)."""
+
+    status: object = None
+    headers: list[tuple[bytes, bytes]]
+    keep_body = True  # false once the body outgrew the limit, or came as a file or trailers
+    ended = False  # the app sent its answer's last message
+    size = 0
+    settled = False
+
+    def __init__(self, middleware: IdempotencyMiddleware, scope: Scope, operation: str, token: str) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self.operation = operation
+        self.token = token
+        self.request_id = _record.first_request_id(scope.get(SCOPE_KEY))
+        self.chunks: list[bytes] = []
+
+    async def run(self, receive: Receive, send: Send, body: bytes) -> None:
+        delivered = False
+
+        async def replay_receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def recording_send(message: Message) -> None:
+            if not self.settled:
+                await self._observe(message)
+            await send(message)
+
+        try:
+            await self.middleware.app(self.scope, replay_receive, recording_send)
+        except Exception as exc:
+            if not self.settled:
+                await self._settle(
+                    _record.error_record(exc, self.request_id) if self.status is None else None
+                )
+            raise
+        finally:
+            if not self.settled:
+                # No complete answer (a stream cut short, a file, trailers, or a
+                # cancellation): record what can be kept, or free the key.
+                await self._settle(self._marker() if self.status is not None else None)
+
+    async def _observe(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message.get("status")
+            self.headers = [
+                (bytes(name).lower(), bytes(value))
+                for name, value in message.get("headers", ())
+                if bytes(name).lower() not in _record.EXCHANGE_HEADERS
+            ]
+            if message.get("trailers", False):
+                self.keep_body = False
+        elif kind == "http.response.body" and self.status is not None:
+            self.ended = not message.get("more_body", False)
+            if self.keep_body:
+                chunk = message.get("body", b"")
+                self.size += len(chunk)
+                if self.size > self.middleware.max_response_size:
+                    self.keep_body = False
+                    self.chunks.clear()
+                elif chunk:
+                    self.chunks.append(bytes(chunk))
+                if self.keep_body and not message.get("more_body", False):
+                    # Recorded before the last message goes out: a client that has
+                    # its answer and retries at once finds the record, not the claim.
+                    await self._settle(self._response())
+        else:
+            # A file (pathsend, zerocopysend) or trailers: not kept, but it may end the answer.
+            self.keep_body = False
+            self.ended = self.ended or kind == "http.response.pathsend" or not message.get("more_body", True)
+
+    def _response(self) -> Record | None:
+        handed_over = (self.scope.get("state") or {}).get(HANDED_OVER_KEY)
+        if handed_over is not None:
+            # A handler's stand-in for an exception the envelope answers for.
+            return _record.error_record(handed_over, self.request_id)
+        if not is_recorded(self.status):
+            return None
+        return Record(self.request_id, self.status, self.headers, b"".join(self.chunks))  # type: ignore[arg-type]
+
+    def _marker(self) -> Record | None:
+        # Only an answer the app finished (a file, trailers, a body past the limit)
+        # keeps its key used; one cut short ran to no known end, so it is freed.
+        if not self.ended or self.keep_body or not is_recorded(self.status):
+            return None
+        return Record(self.request_id, self.status, self.headers)  # type: ignore[arg-type]
+
+    async def _settle(self, record: Record | None) -> None:
+        self.settled = True
+        store, logger = self.middleware.store, self.middleware.logger
+        try:
+            if record is None:
+                await store.release(self.operation, self.token)
+            elif not await store.complete(
+                self.operation, self.token, _record.encode(record), self.middleware.ttl
+            ):
+                logger.warning("idempotency_claim_lost", status=record.status)
+        except StoreUnavailable:
+            # The write ran and its answer goes out; only its replay is lost, and
+            # the claim's lease ends on its own.
+            logger.exception("idempotency_store_unavailable", operation="settle")
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The declared length; None if absent or no number (the body's real size is bounded anyway)."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            text = bytes(value).strip(b" \t")
+            if not text.isdigit():
+                return None
+            # RFC 9110 §8.6 allows leading zeros; past 18 digits it is above any
+            # bound, and int() refuses strings of over 4300 digits.
+            significant = text.lstrip(b"0")
+            return int(significant or b"0") if len(significant) <= 18 else 10**18
+    return None
