@@ -370,3 +370,17 @@ def test_demo_brands_service_counts_the_writes_it_applied(demo: Any) -> None:
     client.patch("/items/1/availability", content=OFF, headers=key("k1"), auth=FULL)
     client.patch("/items/13/availability", content=OFF, headers=key("k2"), auth=FULL)  # archived: refused
     assert brands.get("/writes").json() == {"executed": 1}
+
+
+def test_demo_idempotency_can_be_left_out_and_writes_then_run_each_time() -> None:
+    data = generate()
+    gateway = create_gateway(create_backends(data), idempotent_writes=False, access_log=False)
+    with TestClient(gateway) as client:
+        answers = [
+            client.patch("/items/1/availability", content=OFF, headers=key("k1"), auth=FULL) for _ in range(2)
+        ]
+        refused = client.patch("/items/1/availability", content=OFF, auth=READ_ONLY)
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert "idempotent-replayed" not in answers[1].headers
+    assert data.writes_executed == 2
+    assert refused.status_code == 403  # the handler checks the credential itself

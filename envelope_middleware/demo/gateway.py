@@ -66,7 +66,8 @@ CATALOGUE = DEFAULT_CATALOGUE.extend(
     ]
 )
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
-_ITEM_ID_DIGITS = 12  # the brands service's ids are far shorter; longer is no id of theirs
+_ITEM_ID_DIGITS = 12
+_AUTHORIZED = "envelope_middleware.demo.credential"  # a write's credential, checked once  # the brands service's ids are far shorter; longer is no id of theirs
 
 
 @dataclass(frozen=True)
@@ -243,13 +244,15 @@ def create_gateway(
     access_log: bool = True,
     idempotency_store: IdempotencyStore | None = None,
     idempotency_lease: float | None = None,
+    idempotent_writes: bool = True,
 ) -> Starlette:
     """The partner gateway: each backend is an in-process ASGI app or a base URL.
 
     Writes require an Idempotency-Key, kept in `idempotency_store` (an embedded
     `MemoryStore` by default: one process only). A claim's lease defaults to
     the larger of 10 s and four backend timeouts, so a write still waiting on
-    its backend never loses its key.
+    its backend never loses its key. `idempotent_writes=False` mounts no
+    idempotency at all (writes run each time): the baseline of its benchmark.
     """
     if backends is None:
         from envelope_middleware.demo.backends import create_backends  # noqa: PLC0415 - demo data on demand
@@ -290,7 +293,9 @@ def create_gateway(
         return await _forward(request, brands, "/brands", params=_validated_query(request))
 
     async def item_availability(request: Request) -> Response:
-        _authorize(request, by_key, items.scope)
+        # Authorised already, by the idempotency middleware's principal (`writer`).
+        if request.scope.get(_AUTHORIZED) is None:
+            _authorize(request, by_key, items.scope)
         item_id = request.path_params["item_id"]
         if not _is_item_id(item_id):
             raise _unmapped(item_id)
@@ -307,7 +312,9 @@ def create_gateway(
     def writer(scope: Scope) -> str:
         # The idempotency key belongs to the partner; a request failing auth or
         # lacking the scope is answered here and never reaches the store.
-        return _authorize(Request(scope), by_key, items.scope).partner_key
+        credential = _authorize(Request(scope), by_key, items.scope)
+        scope[_AUTHORIZED] = credential  # the handler need not check it again
+        return credential.partner_key
 
     store = idempotency_store if idempotency_store is not None else MemoryStore()
     idempotent = Middleware(
@@ -329,7 +336,10 @@ def create_gateway(
             Route("/branches", list_branches),
             Route("/brands", list_brands),
             Route(
-                "/items/{item_id}/availability", item_availability, methods=["PATCH"], middleware=[idempotent]
+                "/items/{item_id}/availability",
+                item_availability,
+                methods=["PATCH"],
+                middleware=[idempotent] if idempotent_writes else None,
             ),
             Route("/health", health),
         ],

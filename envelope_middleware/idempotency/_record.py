@@ -10,7 +10,6 @@ import msgspec
 import orjson
 
 from envelope_middleware.exceptions import ApiError
-from envelope_middleware.request_id import is_safe_request_id
 
 # Headers that belong to one exchange, not to the answer: a replay goes without
 # them (RFC 9110 §7.6.1's connection options, §6.6.1 Date, §10.2.4 Server; a
@@ -136,8 +135,9 @@ def error_record(exc: BaseException, request_id: str | None) -> Record | None:
 
 
 def first_request_id(value: object) -> str | None:
-    # Only an id that is safe in a header is repeated in Original-Request-ID.
-    return value if isinstance(value, str) and is_safe_request_id(value) else None
+    # The envelope sets only ids that are safe in a header (it checks a custom
+    # generator's), so one found there is repeated in Original-Request-ID as it is.
+    return value if isinstance(value, str) else None
 
 
 def _header_pairs(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
