@@ -1,11 +1,17 @@
 """Soak: minutes of mixed load on the reference gateway, checking every answer.
 
-Starts the gateway (uvicorn, loopback only) and drives it with concurrent
-clients over a mix of success and error routes for a bounded time. It checks
-that every response is a valid envelope whose request_id matches its header,
-that every status is the one the route should give, and that the server's
-memory stays flat (resident set sampled every few seconds; the growth between
-the first and last quarter of the run, after warm-up, must stay under a bound).
+Starts the gateway (uvicorn, loopback only, its backends on their own ports)
+and drives it with concurrent clients over a mix of success and error routes
+for a bounded time. It checks that every response is a valid envelope whose
+request_id matches its header, that every status is the one the route should
+give, and that the server's memory stays flat (resident set sampled every few
+seconds; the growth between the first and last quarter of the run, after
+warm-up, must stay under a bound).
+
+Some clients send keyed writes and retry them, one after another or two at
+once (issue #10): each answer must be the first run, a replay of it, or the
+in-progress 409. At the end the brands service's count of the writes it
+applied must equal the number of distinct keys: each ran exactly once.
 
     python benchmarks/soak.py                  # 3 minutes
     python benchmarks/soak.py --duration 30    # a short look
@@ -43,7 +49,6 @@ ROUTES: list[tuple[int, str, str, tuple[str, str] | None, object, int, str | Non
     (10, "GET", "/orders/ord_00042", FULL, None, 200, None),
     (10, "GET", "/branches?size=10", FULL, None, 200, None),
     (10, "GET", "/brands", FULL, None, 200, None),
-    (5, "PATCH", "/items/1/availability", FULL, {"available": True}, 200, None),
     (5, "GET", "/orders/ord_99999", FULL, None, 404, "resource_not_found"),
     (5, "GET", "/orders", None, None, 401, "auth_missing"),
     (3, "GET", "/orders", ("demo_partner", "nope"), None, 401, "auth_invalid_credential"),
@@ -91,9 +96,11 @@ async def client_loop(base: str, deadline: float, tally: Tally, seed: int) -> No
     async with httpx2.AsyncClient(base_url=base, timeout=10) as client:
         while time.monotonic() < deadline:
             _, method, path, auth, body, status, code = rng.choices(ROUTES, weights)[0]
+            # Writes require a key; these are each their own operation.
+            headers = {"Idempotency-Key": f"once-{seed}-{rng.random()}"} if method == "PATCH" else None
             started = time.perf_counter()
             try:
-                response = await client.request(method, path, auth=auth, json=body)
+                response = await client.request(method, path, auth=auth, json=body, headers=headers)
             except httpx2.HTTPError as exc:
                 tally.failures.append(f"{path}: {type(exc).__name__}")
                 continue
@@ -105,13 +112,64 @@ async def client_loop(base: str, deadline: float, tally: Tally, seed: int) -> No
                 tally.ok[f"{method} {path} -> {status}"] += 1
 
 
+@dataclass
+class Keyed:
+    """Keyed writes sent, and the keys whose write must have run once."""
+
+    keys: set[str] = field(default_factory=set)
+    attempts: int = 0
+
+
+async def keyed_writes_loop(base: str, deadline: float, tally: Tally, keyed: Keyed, seed: int) -> None:
+    rng = random.Random(seed)
+    count = 0
+    async with httpx2.AsyncClient(base_url=base, timeout=10) as client:
+        while time.monotonic() < deadline:
+            count += 1
+            key = f"soak-{seed}-{count}"
+            item = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+            body = {"available": rng.random() < 0.5}
+
+            async def attempt(key: str = key, item: int = item, body: dict[str, bool] = body) -> None:
+                headers = {"Idempotency-Key": key}
+                try:
+                    response = await client.patch(
+                        f"/items/{item}/availability", json=body, headers=headers, auth=FULL
+                    )
+                except httpx2.HTTPError as exc:
+                    tally.failures.append(f"keyed write: {type(exc).__name__}")
+                    return
+                keyed.attempts += 1
+                problem = check(response, "keyed write", response.status_code, None)
+                if response.status_code == 409:
+                    problem = check(response, "keyed write", 409, "idempotency_key_conflict")
+                    if problem is None and response.json()["error"]["details"] != {"reason": "in_progress"}:
+                        problem = f"keyed write: 409 {response.json()['error']['details']}"
+                elif response.status_code != 200:
+                    problem = f"keyed write: status {response.status_code}"
+                if problem:
+                    tally.failures.append(problem)
+                else:
+                    replayed = response.headers.get("idempotent-replayed") == "true"
+                    tally.ok[f"keyed PATCH -> {response.status_code}{' replay' if replayed else ''}"] += 1
+
+            keyed.keys.add(key)
+            # The retry a partner makes: after the answer, or racing the first attempt.
+            if rng.random() < 0.3:
+                await asyncio.gather(attempt(), attempt())
+            else:
+                await attempt()
+            for _ in range(rng.choice([0, 1, 2])):
+                await attempt()
+
+
 def rss_mb(pid: int) -> float:
     match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024 if match else 0.0
 
 
 async def soak(
-    base: str, pid: int, duration: float, concurrency: int, sample_every: float
+    base: str, pid: int, duration: float, concurrency: int, *, sample_every: float, keyed: Keyed
 ) -> tuple[Tally, list[float]]:
     tally = Tally()
     samples: list[float] = []
@@ -122,8 +180,11 @@ async def soak(
             samples.append(rss_mb(pid))
             await asyncio.sleep(sample_every)
 
+    writers = max(1, concurrency // 4)
     await asyncio.gather(
-        sampler(), *(client_loop(base, deadline, tally, seed) for seed in range(concurrency))
+        sampler(),
+        *(client_loop(base, deadline, tally, seed) for seed in range(concurrency - writers)),
+        *(keyed_writes_loop(base, deadline, tally, keyed, seed) for seed in range(writers)),
     )
     return tally, samples
 
@@ -138,8 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "soak.md"))
     args = parser.parse_args(argv)
     duration = min(args.duration, 1800)  # a soak here is bounded, whatever is asked
-    port = free_port()
-    command = [sys.executable, "-m", "envelope_middleware.demo", "--port", str(port), "--timeout", "0.5"]
+    port, backend_port = free_port(), free_port()
+    while backend_port <= port < backend_port + 3 or backend_port > 65533:
+        backend_port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "envelope_middleware.demo",
+        "--port",
+        str(port),
+        "--timeout",
+        "0.5",
+        "--serve-backends",
+        "--backend-port",
+        str(backend_port),
+    ]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}
     )
@@ -151,9 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except httpx2.TransportError:
                 time.sleep(0.1)
-        tally, samples = asyncio.run(soak(base, process.pid, duration, args.concurrency, sample_every=2.0))
+        keyed = Keyed()
+        tally, samples = asyncio.run(
+            soak(base, process.pid, duration, args.concurrency, sample_every=2.0, keyed=keyed)
+        )
+        # The brands service is the third of --serve-backends' ports.
+        executed = httpx2.get(f"http://127.0.0.1:{backend_port + 2}/writes").json()["executed"]
     finally:
         stop_server(process)
+    if executed != len(keyed.keys):
+        tally.failures.append(f"keyed writes: {executed} executed for {len(keyed.keys)} distinct keys")
 
     quarter = max(1, len(samples) // 4)
     warm = samples[quarter:]  # the first quarter is warm-up: caches, pools, allocator arenas
@@ -173,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
         f"- responses breaking the contract or the expected status: {len(tally.failures)}",
+        (
+            f"- keyed writes: {len(keyed.keys)} distinct keys in {keyed.attempts} attempts (retries and "
+            f"races included); the brands service applied {executed}: each key ran exactly once"
+            if executed == len(keyed.keys)
+            else f"- keyed writes: {len(keyed.keys)} distinct keys, but {executed} applied"
+        ),
         (
             f"- RSS: {samples[0]:.1f} MiB at start, {early:.1f} after warm-up, {late:.1f} at the end, "
             f"max {max(samples):.1f} (growth after warm-up {growth:+.1f} MiB, bound {args.max_growth_mb} MiB)"

@@ -253,7 +253,7 @@ def wrk(stack: str, port: int, duration: int, connections: int, run: str) -> dic
     env = {**os.environ, "WRK_KEYS": "same" if stack.endswith("replay") else "unique", "WRK_RUN": run}
     command = [
         "wrk",
-        "-t2",
+        f"-t{min(2, connections)}",  # wrk needs a connection per thread
         f"-c{connections}",
         f"-d{duration}s",
         "--latency",

@@ -56,6 +56,9 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.directory,
+                # DEBUG SLEEP stalls the server for the timeout tests (Redis 7's default refuses it).
+                "--enable-debug-command",
+                "local",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -486,6 +486,9 @@ def test_demo_cli_banner_names_credentials_and_curl_lines() -> None:
     assert "idempotency store: embedded (this process)" in text
     assert "Idempotency-Key: k1" in text
     assert "idempotency store: Redis at redis://h:1/0" in banner(Options(redis_url="redis://h:1/0"))
+    secret = banner(Options(redis_url="redis://user:s3cret@h:1/0"))
+    assert "s3cret" not in secret
+    assert "redis://user:***@h:1/0" in secret
     assert text.count("curl ") >= 8
     assert "orders=in-process" in text
     assert "ord_garbled   # 502 downstream_invalid_response" in text

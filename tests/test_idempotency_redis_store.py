@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx2
 import pytest
@@ -40,7 +41,7 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
         await redis_store.aclose()
 
 
-def gateway(store: RedisStore, executed: list[bytes]) -> Starlette:
+def gateway(store: RedisStore, executed: list[bytes], **options: Any) -> Starlette:
     async def create(request: Request) -> Response:
         executed.append(await request.body())
         return JSONResponse({"write": len(executed)}, status_code=201)
@@ -49,7 +50,7 @@ def gateway(store: RedisStore, executed: list[bytes]) -> Starlette:
         routes=[Route("/orders", create, methods=["POST"])],
         middleware=[
             Middleware(EnvelopeMiddleware),
-            Middleware(IdempotencyMiddleware, store=store, principal=lambda _scope: "acme"),
+            Middleware(IdempotencyMiddleware, store=store, principal=lambda _scope: "acme", **options),
         ],
     )
 
@@ -220,4 +221,39 @@ async def test_redis_store_lost_after_the_write_ran_still_answers_and_logs(
     [logged] = [entry for entry in logs.entries if entry["event"] == "idempotency_store_unavailable"]
     assert logged["operation"] == "settle"
     assert logged["request_id"] == answer.json()["request_id"]
+    await store.aclose()
+
+
+async def test_redis_store_a_claim_that_lands_after_its_timeout_is_freed(own_redis: RedisServer) -> None:
+    store = RedisStore.from_url(own_redis.url, timeout=0.2)
+    executed: list[bytes] = []
+    async with client_for(gateway(store, executed)) as http:
+        # A connection and the scripts, ready before the stall.
+        await http.post("/orders", content=b"{}", headers={"Idempotency-Key": "warm"})
+        # A stall: the server is busy for 0.6 s, then runs the claim the gateway gave up on.
+        busy = own_redis.client()
+        stall = asyncio.create_task(asyncio.to_thread(busy.execute_command, "DEBUG", "SLEEP", "0.6"))
+        await asyncio.sleep(0.05)
+        first = await http.post("/orders", content=b"{}", headers={"Idempotency-Key": "k"})
+        await stall
+        await asyncio.sleep(0.5)  # the late claim has landed, and been released by its token
+        retry = await http.post("/orders", content=b"{}", headers={"Idempotency-Key": "k"})
+    assert first.status_code == 503
+    assert retry.status_code == 201, retry.json()
+    assert executed == [b"{}", b"{}"]  # "warm", then the retry: the stalled attempt never ran
+    await store.aclose()
+
+
+async def test_redis_store_down_the_late_release_gives_up_with_the_lease() -> None:
+    from envelope_middleware.idempotency import middleware  # noqa: PLC0415
+
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
+    async with client_for(gateway(store, [], lease=0.5)) as http:
+        answer = await http.post("/orders", content=b"{}", headers={"Idempotency-Key": "k"})
+    assert answer.status_code == 503
+    assert len(middleware._pending) == 1  # the release of the claim that may yet land
+    deadline = time.monotonic() + 3
+    while middleware._pending:
+        assert time.monotonic() < deadline, "the release outlived the lease"
+        await asyncio.sleep(0.05)
     await store.aclose()

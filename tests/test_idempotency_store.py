@@ -13,18 +13,13 @@ async def test_store_first_claim_wins_and_later_ones_see_it_in_flight(store: Ide
     assert await store.claim("op", "t1", b"fp", 10) is None
     held = await store.claim("op", "t2", b"other", 10)
     assert isinstance(held, Held)
-    assert held.fingerprint == b"fp"
-    assert held.response is None
-    assert 9 < held.expires_in <= 10
+    assert held == Held(b"fp", None)
 
 
 async def test_store_completed_claim_returns_its_response(store: IdempotencyStore) -> None:
     await store.claim("op", "t1", b"fp", 10)
     assert await store.complete("op", "t1", b"answer", 60) is True
-    held = await store.claim("op", "t2", b"fp", 10)
-    assert held == Held(b"fp", b"answer", held.expires_in if held else 0)
-    assert held is not None
-    assert 59 < held.expires_in <= 60
+    assert await store.claim("op", "t2", b"fp", 10) == Held(b"fp", b"answer")
 
 
 async def test_store_only_the_claims_holder_completes_or_releases_it(store: IdempotencyStore) -> None:
@@ -102,18 +97,17 @@ async def test_memory_store_never_evicts_a_claim_in_flight() -> None:
     for name in "abc":
         await store.claim(name, "t", b"fp", 10)
         await store.complete(name, "t", b"answer", 60)
-    held = await store.claim("running", "t2", b"fp", 10)
-    assert held is not None
-    assert held.response is None
-    assert len(store) == 2
+    assert await store.claim("running", "t2", b"fp", 10) == Held(b"fp", None)
+    assert len(store) == 3  # the claim, and the two newest records
 
 
-async def test_memory_store_may_exceed_its_bound_only_by_claims_in_flight() -> None:
+async def test_memory_store_claims_in_flight_do_not_count_against_its_bounds() -> None:
     store = MemoryStore(max_entries=2)
-    for name in "abc":
+    for name in "abcde":
         await store.claim(name, "t", b"fp", 10)
-    assert len(store) == 3
-    for name in "abc":
+    assert len(store) == 5
+    await store.complete("a", "t", b"answer", 60)
+    for name in "abcde":
         assert await store.claim(name, "t2", b"fp", 10) is not None
 
 
@@ -122,22 +116,20 @@ async def test_memory_store_bounds_its_bytes() -> None:
     for index in range(10):
         await store.claim(str(index), "t", b"fp", 10)
         await store.complete(str(index), "t", b"x" * 300, 60)
-    assert store.size_bytes <= 1000
+    assert store.size_bytes == 3 * 302
     assert len(store) == 3
+    assert await store.claim("9", "t", b"fp", 10) is not None
+    assert await store.claim("6", "t", b"fp", 10) is None  # evicted, oldest first
 
 
-async def test_memory_store_drops_expired_entries_first_when_full() -> None:
+async def test_memory_store_a_claim_completed_after_its_lease_is_lost() -> None:
     clock = Clock()
-    store = MemoryStore(max_entries=2, clock=clock)
-    await store.claim("stale", "t", b"fp", 1)  # a claim whose holder died
-    await store.claim("done", "t", b"fp", 10)
-    await store.complete("done", "t", b"answer", 60)
-    clock.now = 5
-    await store.claim("new", "t", b"fp", 10)
-    assert len(store) == 2
-    held = await store.claim("done", "t2", b"fp", 10)
-    assert held is not None
-    assert held.response == b"answer"
+    store = MemoryStore(clock=clock)
+    await store.claim("op", "t", b"fp", 1)
+    clock.now = 2
+    assert await store.complete("op", "t", b"late", 60) is False
+    assert len(store) == 0
+    assert await store.claim("op", "t2", b"fp", 1) is None
 
 
 async def test_memory_store_expiry_follows_its_clock() -> None:
@@ -148,7 +140,13 @@ async def test_memory_store_expiry_follows_its_clock() -> None:
     assert await store.claim("op", "t2", b"fp", 30) is not None
     clock.now = 30
     assert await store.claim("op", "t2", b"fp", 30) is None
-    assert store.size_bytes == 2
+    await store.complete("op", "t2", b"answer", 60)
+    assert store.size_bytes == len(b"fp") + len(b"answer")
+    clock.now = 89.9
+    assert await store.claim("op", "t3", b"fp", 30) == Held(b"fp", b"answer")
+    clock.now = 90
+    assert await store.claim("op", "t3", b"fp", 30) is None
+    assert store.size_bytes == 0
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,7 +182,9 @@ def banner(options: Options) -> str:
     key, secret = CREDENTIALS[0].partner_key, CREDENTIALS[0].secret
     ro_key, ro_secret = CREDENTIALS[1].partner_key, CREDENTIALS[1].secret
     w_key, w_secret = CREDENTIALS[2].partner_key, CREDENTIALS[2].secret
-    store = f"Redis at {options.redis_url}" if options.redis_url else "embedded (this process)"
+    store = (
+        f"Redis at {_without_password(options.redis_url)}" if options.redis_url else "embedded (this process)"
+    )
     patch = f"curl -si -u {key}:{secret} -X PATCH {base}/items/1/availability"
     off, on = "-d '{\"available\": false}'", "-d '{\"available\": true}'"
     where = ", ".join(f"{name}={options.backends.get(name, 'in-process')}" for name in BACKENDS)
@@ -220,6 +223,15 @@ def banner(options: Options) -> str:
             ),
         ]
     )
+
+
+def _without_password(url: str) -> str:
+    # The banner goes to terminals and logs; a Redis password does not.
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 
 def app_from_environment() -> ASGIApp:

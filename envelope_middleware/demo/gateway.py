@@ -66,8 +66,8 @@ CATALOGUE = DEFAULT_CATALOGUE.extend(
     ]
 )
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
-_ITEM_ID_DIGITS = 12
-_AUTHORIZED = "envelope_middleware.demo.credential"  # a write's credential, checked once  # the brands service's ids are far shorter; longer is no id of theirs
+_ITEM_ID_DIGITS = 12  # the brands service's ids are far shorter; longer is no id of theirs
+_AUTHORIZED = "envelope_middleware.demo.credential"  # a write's credential, checked once
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,11 @@ class _Api:
     scope: str
 
 
-def _authorize(request: Request, credentials: Mapping[str, Credential], scope: str) -> Credential:
-    headers = request.headers.getlist("authorization")
+def _authorize(request: Request | Scope, credentials: Mapping[str, Credential], scope: str) -> Credential:
+    # The ASGI scope is read as it is where there is no Request yet (the write
+    # route's principal): building one costs more than the check itself.
+    raw = request.scope["headers"] if isinstance(request, Request) else request["headers"]
+    headers = [value.decode("latin-1") for name, value in raw if name == b"authorization"]
     if not headers:
         raise AuthMissing("Send HTTP Basic credentials: partner_key:secret_key.", headers=_REALM)
     if len(headers) > 1:
@@ -312,7 +315,7 @@ def create_gateway(
     def writer(scope: Scope) -> str:
         # The idempotency key belongs to the partner; a request failing auth or
         # lacking the scope is answered here and never reaches the store.
-        credential = _authorize(Request(scope), by_key, items.scope)
+        credential = _authorize(scope, by_key, items.scope)
         scope[_AUTHORIZED] = credential  # the handler need not check it again
         return credential.partner_key
 

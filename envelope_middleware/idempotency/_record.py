@@ -99,11 +99,12 @@ _fingerprint_decoder = msgspec.msgpack.Decoder(Fingerprint)
 _record_decoder = msgspec.msgpack.Decoder(Record)
 
 
-def fingerprint(method: str, path: bytes, query: bytes, body: bytes) -> Fingerprint:
-    return Fingerprint(method, path, query, hashlib.sha256(body).digest())
+def fingerprint(method: str, path: bytes, query: bytes, body: bytes) -> bytes:
+    """The encoded `Fingerprint` of a request, as a store keeps it."""
+    return _encoder.encode((method, path, query, hashlib.sha256(body).digest()))
 
 
-def encode(value: Fingerprint | Record) -> bytes:
+def encode(value: Record) -> bytes:
     return _encoder.encode(value)
 
 

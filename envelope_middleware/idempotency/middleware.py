@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import anyio
 import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -114,7 +117,7 @@ class IdempotencyMiddleware:
         # Who is asking comes first: a request that fails authentication is
         # answered as such and never touches the store.
         principal = self.principal(scope)
-        if inspect.isawaitable(principal):
+        if type(principal) is not str and inspect.isawaitable(principal):
             principal = await principal
         if principal is None:
             await self.app(scope, receive, send)
@@ -136,9 +139,12 @@ class IdempotencyMiddleware:
         operation = _record.operation_key(principal, key)
         token = os.urandom(16).hex()  # what secrets.token_hex does, a call less
         try:
-            held = await self.store.claim(operation, token, _record.encode(fingerprint), self.lease)
+            held = await self.store.claim(operation, token, fingerprint, self.lease)
         except StoreUnavailable:
             self.logger.exception("idempotency_store_unavailable", operation="claim")
+            # A claim that timed out here may still land in a stalled store: freed
+            # (by its own token) so that retries run, not wait out the lease.
+            _release_later(self.store, operation, token, self.lease)
             raise ServiceUnavailable(
                 "Writes are unavailable for a moment; retry later.",
                 details={"reason": "idempotency_store_unavailable"},
@@ -188,6 +194,10 @@ class IdempotencyMiddleware:
             if not message.get("more_body", False):
                 return bytes(body)
 
+    @staticmethod
+    def _differences(stored: bytes, fingerprint: bytes) -> list[str]:
+        return _record.decode_fingerprint(fingerprint).differences(_record.decode_fingerprint(stored))
+
     def _too_large(self) -> ApiError:
         return ApiError(
             "request_invalid",
@@ -196,8 +206,8 @@ class IdempotencyMiddleware:
             details={"max_bytes": self.max_body_size},
         )
 
-    async def _answer_held(self, held: Held, fingerprint: _record.Fingerprint, send: Send) -> None:
-        differs = fingerprint.differences(_record.decode_fingerprint(held.fingerprint))
+    async def _answer_held(self, held: Held, fingerprint: bytes, send: Send) -> None:
+        differs = [] if held.fingerprint == fingerprint else self._differences(held.fingerprint, fingerprint)
         if differs:
             self.logger.info("idempotency_key_conflict", reason="request_mismatch", differs=differs)
             raise IdempotencyKeyConflict(
@@ -256,8 +266,10 @@ class _Run:
             return await receive()
 
         async def recording_send(message: Message) -> None:
-            if not self.settled:
-                await self._observe(message)
+            # Recorded before the last message goes out: a client that has its
+            # answer and retries at once finds the record, not the claim.
+            if not self.settled and self._observe(message):
+                await self._settle(self._response())
             await send(message)
 
         try:
@@ -265,26 +277,32 @@ class _Run:
         except Exception as exc:
             if not self.settled:
                 await self._settle(
-                    _record.error_record(exc, self.request_id) if self.status is None else None
+                    _record.error_record(exc, self.request_id) if self.status is None else self._marker()
                 )
             raise
         finally:
             if not self.settled:
-                # No complete answer (a stream cut short, a file, trailers, or a
-                # cancellation): record what can be kept, or free the key.
-                await self._settle(self._marker() if self.status is not None else None)
+                # No whole answer kept (a file, trailers, a body past the limit, a
+                # stream cut short, a client that left, a cancellation): the key
+                # stays used if the app had answered, and is freed if it had not.
+                await self._settle(self._marker())
 
-    async def _observe(self, message: Message) -> None:
+    def _observe(self, message: Message) -> bool:
+        """Note what `message` adds to the answer; True once the whole of it is kept."""
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message.get("status")
             exchange = _record.EXCHANGE_HEADERS
             self.headers = [
-                (name, value) for name, value in message.get("headers", ()) if name.lower() not in exchange
+                (name, value)
+                for name, value in message.get("headers", ())
+                # ASGI allows any bytes-like name; a memoryview has no lower().
+                if (name if type(name) is bytes else bytes(name)).lower() not in exchange
             ]
             if message.get("trailers", False):
                 self.keep_body = False
-        elif kind == "http.response.body" and self.status is not None:
+            return False
+        if kind == "http.response.body" and self.status is not None:
             self.ended = not message.get("more_body", False)
             if self.keep_body:
                 chunk = message.get("body", b"")
@@ -294,14 +312,11 @@ class _Run:
                     self.chunks.clear()
                 elif chunk:
                     self.chunks.append(bytes(chunk))
-                if self.keep_body and not message.get("more_body", False):
-                    # Recorded before the last message goes out: a client that has
-                    # its answer and retries at once finds the record, not the claim.
-                    await self._settle(self._response())
-        else:
-            # A file (pathsend, zerocopysend) or trailers: not kept, but it may end the answer.
-            self.keep_body = False
-            self.ended = self.ended or kind == "http.response.pathsend" or not message.get("more_body", True)
+            return self.ended and self.keep_body
+        # A file (pathsend, zerocopysend) or trailers: not kept, but it may end the answer.
+        self.keep_body = False
+        self.ended = self.ended or kind == "http.response.pathsend" or not message.get("more_body", True)
+        return False
 
     def _response(self) -> Record | None:
         handed_over = (self.scope.get("state") or {}).get(HANDED_OVER_KEY)
@@ -313,9 +328,10 @@ class _Run:
         return Record(self.request_id, self.status, self.headers, b"".join(self.chunks))  # type: ignore[arg-type]
 
     def _marker(self) -> Record | None:
-        # Only an answer the app finished (a file, trailers, a body past the limit)
-        # keeps its key used; one cut short ran to no known end, so it is freed.
-        if not self.ended or self.keep_body or not is_recorded(self.status):
+        # Once the app has started a recordable answer the write has run, whether
+        # or not the client got it all: a retry must not run it again (issue #10
+        # review). Without a start, or with a 5xx, nothing is known to have run.
+        if not is_recorded(self.status):
             return None
         return Record(self.request_id, self.status, self.headers)  # type: ignore[arg-type]
 
@@ -323,16 +339,49 @@ class _Run:
         self.settled = True
         store, logger = self.middleware.store, self.middleware.logger
         try:
-            if record is None:
-                await store.release(self.operation, self.token)
-            elif not await store.complete(
-                self.operation, self.token, _record.encode(record), self.middleware.ttl
-            ):
-                logger.warning("idempotency_claim_lost", status=record.status)
+            # Shielded: a request cut off by a deadline (an anyio cancel scope around
+            # the app) still frees or records its key, within the store's own timeout.
+            with anyio.CancelScope(shield=True):
+                if record is None:
+                    await store.release(self.operation, self.token)
+                elif not await store.complete(
+                    self.operation, self.token, _record.encode(record), self.middleware.ttl
+                ):
+                    logger.warning("idempotency_claim_lost", status=record.status)
         except StoreUnavailable:
-            # The write ran and its answer goes out; only its replay is lost, and
-            # the claim's lease ends on its own.
+            # The write ran and its answer goes out; only its replay is lost. Once
+            # the claim's lease ends, a retry runs the write again.
             logger.exception("idempotency_store_unavailable", operation="settle")
+
+
+_pending: set[asyncio.Task[None]] = set()  # releases under way: a task nothing holds may be collected
+
+
+def _release_later(store: IdempotencyStore, operation: str, token: str, lease: float) -> None:
+    """Free a claim that failed on our side but may yet land in a stalled store.
+
+    It first waits as long as a store call may take, so that a stalled claim has
+    landed or failed, then releases it by its token, trying again while the
+    store stays unreachable, for at most the lease (after which it ends anyway).
+    """
+
+    async def release() -> None:
+        delay = getattr(store, "timeout", 0.1)
+        deadline = time.monotonic() + lease
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await store.release(operation, token)
+            except StoreUnavailable:
+                if time.monotonic() + 2 * delay > deadline:
+                    return
+                delay *= 2
+            else:
+                return
+
+    task = asyncio.ensure_future(release())
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
 
 
 def _length(value: bytes) -> int | None:

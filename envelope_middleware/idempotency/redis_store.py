@@ -25,7 +25,7 @@ __all__ = ["RedisStore"]
 _CLAIM = """
 local held = redis.call('HMGET', KEYS[1], 'fingerprint', 'response')
 if held[1] then
-  return {held[1], held[2], redis.call('PTTL', KEYS[1])}
+  return {held[1], held[2]}
 end
 redis.call('HSET', KEYS[1], 'token', ARGV[1], 'fingerprint', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -91,8 +91,8 @@ class RedisStore:
         found = await self._run(self._claim, key, token, fingerprint, _milliseconds(lease))
         if found is None:
             return None
-        stored, response, remaining_ms = found
-        return Held(stored, response, max(int(remaining_ms), 0) / 1000)
+        stored, response = found
+        return Held(stored, response)
 
     async def complete(self, key: str, token: str, response: bytes, ttl: float) -> bool:
         return bool(await self._run(self._complete, key, token, response, _milliseconds(ttl)))

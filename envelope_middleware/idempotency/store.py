@@ -27,13 +27,11 @@ class Held:
     """What a claim found instead of claiming: another request's state for the key.
 
     `response` is None while that request is in flight, and its recorded
-    bytes once it completed. `expires_in` is the lease's or record's remaining
-    life in seconds.
+    bytes once it completed.
     """
 
     fingerprint: bytes
     response: bytes | None
-    expires_in: float
 
 
 class IdempotencyStore(Protocol):
@@ -57,30 +55,33 @@ class IdempotencyStore(Protocol):
 
 
 @dataclass(slots=True)
-class _Entry:
+class _Claim:
     token: str
     fingerprint: bytes
-    response: bytes | None
     expires: float
 
-    @property
-    def size(self) -> int:
-        return len(self.fingerprint) + (len(self.response) if self.response is not None else 0)
+
+@dataclass(slots=True)
+class _Record:
+    fingerprint: bytes
+    response: bytes
+    expires: float
 
 
 class MemoryStore:
     """The embedded store: one process, nothing to install, bounded and expiring.
 
-    Entries are kept in the order they were last written. Past `max_entries`
-    or `max_bytes`, the oldest completed (or expired) records are evicted
-    first; a claim in flight is never evicted, since a retry would then run
-    twice. An evicted record's key runs again if it is retried.
+    Completed records are kept oldest first: past `max_entries` or `max_bytes`
+    the oldest are evicted, and an evicted record's key runs again if it is
+    retried, so size the bounds for a day of writes (or use Redis). Claims in
+    flight are kept apart and never evicted (a retry would then run twice);
+    there is one per write running now.
     """
 
     def __init__(
         self,
         *,
-        max_entries: int = 10_000,
+        max_entries: int = 100_000,
         max_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -91,61 +92,50 @@ class MemoryStore:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._claims: dict[str, _Claim] = {}
+        self._records: OrderedDict[str, _Record] = OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._claims) + len(self._records)
 
     @property
     def size_bytes(self) -> int:
-        """The bytes of fingerprints and recorded responses held now."""
+        """The bytes of the recorded requests' fingerprints and responses held now."""
         return self._bytes
 
     async def claim(self, key: str, token: str, fingerprint: bytes, lease: float) -> Held | None:
         now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None:
-            if entry.expires > now:
-                return Held(entry.fingerprint, entry.response, entry.expires - now)
-            self._drop(key, entry)
-        self._put(key, _Entry(token, fingerprint, None, now + lease))
+        record = self._records.get(key)
+        if record is not None:
+            if record.expires > now:
+                return Held(record.fingerprint, record.response)
+            self._drop(key, record)
+        claim = self._claims.get(key)
+        if claim is not None and claim.expires > now:
+            return Held(claim.fingerprint, None)
+        self._claims[key] = _Claim(token, fingerprint, now + lease)
         return None
 
     async def complete(self, key: str, token: str, response: bytes, ttl: float) -> bool:
-        entry = self._entries.get(key)
-        if entry is None or entry.token != token or entry.response is not None:
+        now = self._clock()
+        claim = self._claims.get(key)
+        if claim is None or claim.token != token:
             return False
-        self._drop(key, entry)
-        self._put(key, _Entry(token, entry.fingerprint, response, self._clock() + ttl))
+        del self._claims[key]
+        if claim.expires <= now:
+            return False  # the lease ended first: as in Redis, the claim is gone
+        self._records[key] = _Record(claim.fingerprint, response, now + ttl)
+        self._bytes += len(claim.fingerprint) + len(response)
+        while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
+            self._drop(*next(iter(self._records.items())))
         return True
 
     async def release(self, key: str, token: str) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.token == token and entry.response is None:
-            self._drop(key, entry)
+        claim = self._claims.get(key)
+        if claim is not None and claim.token == token:
+            del self._claims[key]
 
-    def _put(self, key: str, entry: _Entry) -> None:
-        self._entries[key] = entry
-        self._bytes += entry.size
-        if len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-            self._evict()
-
-    def _drop(self, key: str, entry: _Entry) -> None:
-        del self._entries[key]
-        self._bytes -= entry.size
-
-    def _evict(self) -> None:
-        now = self._clock()
-        skipped = 0
-        # Oldest first. A claim in flight is moved behind the others instead (they
-        # are few: one per write running now), so this ends within one pass.
-        while (len(self._entries) > self.max_entries or self._bytes > self.max_bytes) and skipped < len(
-            self._entries
-        ):
-            key, entry = next(iter(self._entries.items()))
-            if entry.response is None and entry.expires > now:
-                self._entries.move_to_end(key)
-                skipped += 1
-            else:
-                self._drop(key, entry)
+    def _drop(self, key: str, record: _Record) -> None:
+        del self._records[key]
+        self._bytes -= len(record.fingerprint) + len(record.response)
