@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import math
 import os
 import re
@@ -137,7 +138,7 @@ class IdempotencyMiddleware:
             scope["method"], scope.get("raw_path") or scope["path"].encode(), scope["query_string"], body
         )
         operation = _record.operation_key(principal, key)
-        token = os.urandom(16).hex()  # what secrets.token_hex does, a call less
+        token = _token()
         try:
             held = await self.store.claim(operation, token, fingerprint, self.lease)
         except StoreUnavailable:
@@ -183,16 +184,20 @@ class IdempotencyMiddleware:
     async def _read_body(self, declared: int | None, receive: Receive) -> bytes:
         if declared is not None and declared > self.max_body_size:
             raise self._too_large()
-        body = bytearray()
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnect
-            body += message.get("body", b"")
-            if len(body) > self.max_body_size:
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_size:
                 raise self._too_large()
             if not message.get("more_body", False):
-                return bytes(body)
+                # Most bodies come in one message: that one is kept as it is, uncopied.
+                return bytes(chunk) if not chunks else b"".join([*chunks, chunk])
+            chunks.append(chunk)
 
     @staticmethod
     def _differences(stored: bytes, fingerprint: bytes) -> list[str]:
@@ -244,6 +249,7 @@ class _Run:
     headers: list[tuple[bytes, bytes]]
     keep_body = True  # false once the body outgrew the limit, or came as a file or trailers
     ended = False  # the app sent its answer's last message
+    answer: Record | None = None  # the whole answer, once kept, to record (again, if cut off)
     size = 0
     settled = False
 
@@ -269,23 +275,25 @@ class _Run:
             # Recorded before the last message goes out: a client that has its
             # answer and retries at once finds the record, not the claim.
             if not self.settled and self._observe(message):
-                await self._settle(self._response())
+                self.answer = self._response()
+                await self._settle(self.answer)
             await send(message)
 
         try:
             await self.middleware.app(self.scope, replay_receive, recording_send)
         except Exception as exc:
             if not self.settled:
-                await self._settle(
+                answer = self.answer or (
                     _record.error_record(exc, self.request_id) if self.status is None else self._marker()
                 )
+                await self._settle(answer, shield=True)
             raise
         finally:
             if not self.settled:
                 # No whole answer kept (a file, trailers, a body past the limit, a
                 # stream cut short, a client that left, a cancellation): the key
                 # stays used if the app had answered, and is freed if it had not.
-                await self._settle(self._marker())
+                await self._settle(self.answer or self._marker(), shield=True)
 
     def _observe(self, message: Message) -> bool:
         """Note what `message` adds to the answer; True once the whole of it is kept."""
@@ -335,23 +343,50 @@ class _Run:
             return None
         return Record(self.request_id, self.status, self.headers)  # type: ignore[arg-type]
 
-    async def _settle(self, record: Record | None) -> None:
+    async def _settle(self, record: Record | None, *, shield: bool = False) -> None:
+        if shield:
+            # A request cut off by a deadline (an anyio cancel scope around the app)
+            # still frees or records its key, within the store's own timeout. Only
+            # here: a shield costs several microseconds, and the usual end needs none.
+            with anyio.CancelScope(shield=True):
+                await self._store(record)
+        else:
+            await self._store(record)
         self.settled = True
+
+    async def _store(self, record: Record | None) -> None:
         store, logger = self.middleware.store, self.middleware.logger
         try:
-            # Shielded: a request cut off by a deadline (an anyio cancel scope around
-            # the app) still frees or records its key, within the store's own timeout.
-            with anyio.CancelScope(shield=True):
-                if record is None:
-                    await store.release(self.operation, self.token)
-                elif not await store.complete(
-                    self.operation, self.token, _record.encode(record), self.middleware.ttl
-                ):
-                    logger.warning("idempotency_claim_lost", status=record.status)
+            if record is None:
+                await store.release(self.operation, self.token)
+            elif not await store.complete(
+                self.operation, self.token, _record.encode(record), self.middleware.ttl
+            ):
+                logger.warning("idempotency_claim_lost", status=record.status)
         except StoreUnavailable:
             # The write ran and its answer goes out; only its replay is lost. Once
             # the claim's lease ends, a retry runs the write again.
             logger.exception("idempotency_store_unavailable", operation="settle")
+
+
+def _new_token_prefix() -> None:
+    global _token_prefix  # noqa: PLW0603 - one per process, renewed in a forked child
+    _token_prefix = f"{os.urandom(8).hex()}-{os.getpid()}-"
+
+
+_token_prefix = ""
+_new_token_prefix()
+os.register_at_fork(after_in_child=_new_token_prefix)
+_token_count = itertools.count()
+
+
+def _token() -> str:
+    """A claim's token, unique across processes: random per process, counted within one.
+
+    Cheaper than 16 random bytes per request, a system call each; a forked worker
+    gets a prefix of its own, so no two processes ever hand out the same token.
+    """
+    return f"{_token_prefix}{next(_token_count)}"
 
 
 _pending: set[asyncio.Task[None]] = set()  # releases under way: a task nothing holds may be collected

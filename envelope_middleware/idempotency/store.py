@@ -61,11 +61,9 @@ class _Claim:
     expires: float
 
 
-@dataclass(slots=True)
-class _Record:
-    fingerprint: bytes
-    response: bytes
-    expires: float
+# A record is a tuple of (fingerprint, response, expires): of bytes and a float
+# only, so the garbage collector stops tracking it, however many a store holds.
+_Record = tuple[bytes, bytes, float]
 
 
 class MemoryStore:
@@ -108,8 +106,8 @@ class MemoryStore:
         now = self._clock()
         record = self._records.get(key)
         if record is not None:
-            if record.expires > now:
-                return Held(record.fingerprint, record.response)
+            if record[2] > now:
+                return Held(record[0], record[1])
             self._drop(key, record)
         claim = self._claims.get(key)
         if claim is not None and claim.expires > now:
@@ -125,7 +123,7 @@ class MemoryStore:
         del self._claims[key]
         if claim.expires <= now:
             return False  # the lease ended first: as in Redis, the claim is gone
-        self._records[key] = _Record(claim.fingerprint, response, now + ttl)
+        self._records[key] = (claim.fingerprint, response, now + ttl)
         self._bytes += len(claim.fingerprint) + len(response)
         while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
             self._drop(*next(iter(self._records.items())))
@@ -138,4 +136,4 @@ class MemoryStore:
 
     def _drop(self, key: str, record: _Record) -> None:
         del self._records[key]
-        self._bytes -= len(record.fingerprint) + len(record.response)
+        self._bytes -= len(record[0]) + len(record[1])
