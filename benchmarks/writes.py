@@ -1,7 +1,11 @@
 """Keyed writes: what idempotency adds to a write, in process and under load (issue #10).
 
 Every stack is the reference gateway's `PATCH /items/1/availability` (auth,
-body validation, a call to the in-process brands service, the envelope):
+body validation, a call to the brands service, the envelope). The brands
+service runs under uvicorn in a process of its own and is called over HTTP
+on loopback, as a gateway calls its services (`--backends in-process` calls
+it in the gateway's own process instead, which makes a write far cheaper
+than it is in a deployment):
 
     plain          no idempotency mounted: the write as it runs without it
     memory_first   the embedded store, a new key on every request: claim, run, record
@@ -48,7 +52,7 @@ from load import free_port, parse_wrk, pinned, stop_server
 from starlette.types import ASGIApp, Message
 
 from envelope_middleware import MemoryStore
-from envelope_middleware.demo import create_gateway
+from envelope_middleware.demo import create_backends, create_gateway
 from envelope_middleware.idempotency.redis_store import RedisStore
 
 HERE = Path(__file__).resolve().parent
@@ -88,14 +92,38 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def gateway(stack: str, redis_url: str | None) -> ASGIApp:
+def gateway(stack: str, redis_url: str | None, brands_url: str | None = None) -> ASGIApp:
     quiet_structlog()
     store: Any = None
     if stack.startswith("memory"):
         store = MemoryStore()
     elif stack.startswith("redis"):
         store = RedisStore.from_url(redis_url or "")
-    return create_gateway(idempotency_store=store, idempotent_writes=stack != "plain", access_log=False)
+    backends: dict[str, Any] = create_backends()
+    if brands_url:
+        backends["brands"] = brands_url
+    return create_gateway(
+        backends, idempotency_store=store, idempotent_writes=stack != "plain", access_log=False
+    )
+
+
+def brands() -> ASGIApp:
+    """uvicorn's factory for the brands service on its own (`--backends http`)."""
+    return create_backends()["brands"]
+
+
+@contextmanager
+def brands_server(kind: str) -> Iterator[str | None]:
+    """The brands service under uvicorn in a process of its own; yields its URL (None: in process)."""
+    if kind == "in-process":
+        yield None
+        return
+    port = free_port()
+    process = serve_app("writes:brands", port, {}, health=f"http://127.0.0.1:{port}/writes")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
 
 
 # -- in process ------------------------------------------------------------------
@@ -175,9 +203,11 @@ class Driver:
         return (time.perf_counter() - started) / count
 
 
-def in_process(redis_url: str, rounds: int, count: int) -> dict[str, dict[str, float]]:
+def in_process(
+    redis_url: str, brands_url: str | None, rounds: int, count: int
+) -> dict[str, dict[str, float]]:
     loop = asyncio.new_event_loop()
-    drivers = {stack: Driver(stack, gateway(stack, redis_url)) for stack in STACKS}
+    drivers = {stack: Driver(stack, gateway(stack, redis_url, brands_url)) for stack in STACKS}
     for driver in drivers.values():
         loop.run_until_complete(driver.start())
         statuses = {loop.run_until_complete(driver.write()) for _ in range(20)}
@@ -206,13 +236,17 @@ def in_process(redis_url: str, rounds: int, count: int) -> dict[str, dict[str, f
 # -- under load ------------------------------------------------------------------
 
 
-def serve(stack: str, redis_url: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "BENCH_WRITES_STACK": stack, "BENCH_REDIS_URL": redis_url}
+def serve(stack: str, redis_url: str, brands_url: str | None, port: int) -> subprocess.Popen[bytes]:
+    env = {"BENCH_WRITES_STACK": stack, "BENCH_REDIS_URL": redis_url, "BENCH_BRANDS_URL": brands_url or ""}
+    return serve_app("writes:factory", port, env, health=f"http://127.0.0.1:{port}/health")
+
+
+def serve_app(factory: str, port: int, env: dict[str, str], *, health: str) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
         "-m",
         "uvicorn",
-        "writes:factory",
+        factory,
         "--factory",
         "--app-dir",
         str(HERE),
@@ -230,15 +264,17 @@ def serve(stack: str, redis_url: str, port: int) -> subprocess.Popen[bytes]:
         "--lifespan",
         "on",
     ]
-    process = subprocess.Popen(pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        pinned(command, 0), env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
-            httpx2.get(f"http://127.0.0.1:{port}/health", timeout=5).raise_for_status()
+            httpx2.get(health, timeout=5).raise_for_status()
         except httpx2.HTTPError:
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_server(process)
-                raise RuntimeError(f"{stack} did not start") from None
+                raise RuntimeError(f"{factory} did not start") from None
             time.sleep(0.1)
         else:
             return process
@@ -246,7 +282,11 @@ def serve(stack: str, redis_url: str, port: int) -> subprocess.Popen[bytes]:
 
 def factory() -> ASGIApp:
     """uvicorn's factory for one stack, named by BENCH_WRITES_STACK."""
-    return gateway(os.environ["BENCH_WRITES_STACK"], os.environ.get("BENCH_REDIS_URL"))
+    return gateway(
+        os.environ["BENCH_WRITES_STACK"],
+        os.environ.get("BENCH_REDIS_URL"),
+        os.environ.get("BENCH_BRANDS_URL"),
+    )
 
 
 def wrk(stack: str, port: int, duration: int, connections: int, run: str) -> dict[str, float]:
@@ -268,13 +308,15 @@ def wrk(stack: str, port: int, duration: int, connections: int, run: str) -> dic
     return result
 
 
-def under_load(redis_url: str, repeats: int, duration: int, connections: int) -> dict[str, dict[str, float]]:
+def under_load(
+    redis_url: str, brands_url: str | None, repeats: int, duration: int, connections: int
+) -> dict[str, dict[str, float]]:
     sync = redis.Redis.from_url(redis_url)
     samples: dict[str, list[dict[str, float]]] = {stack: [] for stack in STACKS}
     for repeat in range(repeats):
         for stack in random.sample(STACKS, len(STACKS)):
             port = free_port()
-            process = serve(stack, redis_url, port)
+            process = serve(stack, redis_url, brands_url, port)
             try:
                 single = wrk(stack, port, duration, 1, run=f"{repeat}-1-{time.time_ns()}")
                 sync.config_resetstat()
@@ -304,6 +346,7 @@ def render(
 ) -> str:
     plain_p50 = load["plain"]["p50"]
     quick = " --quick" if args.quick else ""
+    where = "over HTTP, in a process of its own" if args.backends == "http" else "in the gateway's process"
     memory_added = inproc["memory_first"]["added_us"]
     redis_added = load["redis_first"]["p50_1"] - load["plain"]["p50_1"]
     replays = (inproc["memory_replay"]["us"], inproc["redis_replay"]["us"], inproc["plain"]["us"])
@@ -311,7 +354,9 @@ def render(
         f"# Keyed writes ({code_version()})",
         "",
         (
-            f"Command: `python benchmarks/writes.py{quick}`; {args.rounds} interleaved in-process rounds "
+            f"Command: `python benchmarks/writes.py{quick} --backends {args.backends}`; "
+            f"the brands service {where}; "
+            f"{args.rounds} interleaved in-process rounds "
             f"of {args.count} writes; {args.repeats} load rounds of {args.duration} s per stack, "
             f"one with 1 connection (latency) and one with {args.connections} (throughput)."
         ),
@@ -363,15 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter runs")
     parser.add_argument("--markdown", help="write the report here too")
+    parser.add_argument(
+        "--backends",
+        choices=["http", "in-process"],
+        default="http",
+        help="how the gateway reaches its services",
+    )
     args = parser.parse_args(argv)
     args.rounds, args.count = (5, 200) if args.quick else (15, 400)
     args.repeats, args.duration, args.connections = (1, 3, 32) if args.quick else (3, 5, 32)
     if shutil.which("wrk") is None:
         raise SystemExit("writes.py needs wrk (apt-get install wrk)")
-    with redis_server() as redis_url:
-        inproc = in_process(redis_url, args.rounds, args.count)
+    with redis_server() as redis_url, brands_server(args.backends) as brands_url:
+        inproc = in_process(redis_url, brands_url, args.rounds, args.count)
         redis.Redis.from_url(redis_url).flushdb()
-        load = under_load(redis_url, args.repeats, args.duration, args.connections)
+        load = under_load(redis_url, brands_url, args.repeats, args.duration, args.connections)
     text = render(inproc, load, args)
     print(text)
     if args.markdown:
