@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-backends",
         "--backend-port",
         str(backend_port),
+        # Bounded well below a soak's writes, so that memory levels off here too
+        # (and eviction runs under load) rather than grow until the default bound.
+        "--idempotency-max-entries",
+        "5000",
     ]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}

@@ -84,6 +84,7 @@ def is_retry_after(value: bytes) -> bool:
     return _RETRY_AFTER.fullmatch(value) is not None
 
 
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2: a header name
 BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = b" \t\n\r"  # RFC 8259 §2
 

@@ -469,6 +469,7 @@ def test_demo_cli_parses_backends_and_rejects_bad_combinations(capsys: pytest.Ca
     errors = capsys.readouterr().err
     assert "--backend" in errors
     assert "--workers needs --redis-url" in errors
+    assert parse_args(["--idempotency-max-entries", "50"]).idempotency_max_entries == 50
     options = parse_args(
         ["--workers", "2", "--redis-url", "redis://127.0.0.1:6390/1", "--idempotency-lease", "5"]
     )

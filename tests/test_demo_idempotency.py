@@ -384,3 +384,15 @@ def test_demo_idempotency_can_be_left_out_and_writes_then_run_each_time() -> Non
     assert "idempotent-replayed" not in answers[1].headers
     assert data.writes_executed == 2
     assert refused.status_code == 403  # the handler checks the credential itself
+
+
+def test_demo_idempotency_the_embedded_stores_bound_is_an_option() -> None:
+    from envelope_middleware.demo.__main__ import Options, build  # noqa: PLC0415
+
+    with TestClient(build(Options(idempotency_max_entries=1, access_log=False))) as client:
+        client.patch("/items/1/availability", content=OFF, headers=key("k1"), auth=FULL)
+        client.patch("/items/2/availability", content=OFF, headers=key("k2"), auth=FULL)  # evicts k1
+        kept = client.patch("/items/2/availability", content=OFF, headers=key("k2"), auth=FULL)
+        again = client.patch("/items/1/availability", content=OFF, headers=key("k1"), auth=FULL)
+    assert "idempotent-replayed" not in again.headers
+    assert kept.headers["idempotent-replayed"] == "true"

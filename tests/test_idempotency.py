@@ -992,6 +992,8 @@ async def test_idempotency_recorded_exceptions_keep_their_headers_and_odd_detail
         ({"ttl": "60"}, ValueError),
         ({"max_body_size": -1}, ValueError),
         ({"max_response_size": 1.5}, ValueError),
+        ({"header": "Idempotency Key"}, ValueError),
+        ({"header": ""}, ValueError),
     ],
 )
 def test_idempotency_options_are_checked_when_built(options: dict[str, Any], error: type[Exception]) -> None:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp
 
 from envelope_middleware.demo.backends import create_backends
 from envelope_middleware.demo.gateway import CREDENTIALS, configure_logging, create_gateway
+from envelope_middleware.idempotency import IdempotencyStore, MemoryStore
 from envelope_middleware.idempotency.redis_store import RedisStore
 
 BACKENDS = ("orders", "branches", "brands")
@@ -38,6 +39,7 @@ class Options:
     access_log: bool = True
     redis_url: str | None = None
     idempotency_lease: float | None = None
+    idempotency_max_entries: int = 100_000
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -75,6 +77,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         type=_seconds,
         metavar="SECONDS",
         help="how long a write in flight holds its key (default: the larger of 10 s and four timeouts)",
+    )
+    parser.add_argument(
+        "--idempotency-max-entries",
+        type=_count,
+        default=100_000,
+        metavar="N",
+        help="how many recorded writes the embedded store keeps (oldest evicted first)",
     )
     args = parser.parse_args(argv)
     backends: dict[str, str] = {}
@@ -119,6 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         access_log=args.access_log,
         redis_url=args.redis_url,
         idempotency_lease=args.idempotency_lease,
+        idempotency_max_entries=args.idempotency_max_entries,
     )
 
 
@@ -165,7 +175,11 @@ def build(options: Options) -> ASGIApp:
     targets: dict[str, ASGIApp | str] = {
         name: options.backends.get(name) or embedded[name] for name in BACKENDS
     }
-    store = RedisStore.from_url(options.redis_url) if options.redis_url else None
+    store: IdempotencyStore = (
+        RedisStore.from_url(options.redis_url)
+        if options.redis_url
+        else MemoryStore(max_entries=options.idempotency_max_entries)
+    )
     return create_gateway(
         targets,
         idempotency_store=store,

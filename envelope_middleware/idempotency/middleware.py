@@ -17,6 +17,7 @@ import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from envelope_middleware._http import TOKEN
 from envelope_middleware.exceptions import (
     ApiError,
     IdempotencyKeyConflict,
@@ -86,6 +87,8 @@ class IdempotencyMiddleware:
     ) -> None:
         if not callable(principal):
             raise TypeError("principal is a callable from the request's scope to the caller's id")
+        if not isinstance(header, str) or not TOKEN.fullmatch(header):
+            raise ValueError(f"header is not a valid header name: {header!r}")
         for name, seconds in (("ttl", ttl), ("lease", lease)):
             if (
                 isinstance(seconds, bool)
