@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
@@ -84,6 +85,7 @@ def is_retry_after(value: bytes) -> bool:
     return _RETRY_AFTER.fullmatch(value) is not None
 
 
+_FIELD_VALUE_INVALID = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # RFC 9110 §5.5: no CTLs but HTAB
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)  # RFC 9110 §5.6.2: a header name
 BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = b" \t\n\r"  # RFC 8259 §2
@@ -150,3 +152,26 @@ def json_error(body: bytes) -> str | None:
         except UnicodeDecodeError as exc:
             return f"invalid UTF-8 at byte {exc.start}"
     return None
+
+
+def as_bytes(headers: Iterable[tuple[Any, Any]]) -> RawHeaders:
+    # bytes-like names and values as bytes; anything else (str, int) is the app's
+    # bug and raises here rather than becoming zero bytes.
+    return [(bytes(memoryview(name)), bytes(memoryview(value))) for name, value in headers]
+
+
+def encode_header(name: object, value: object) -> tuple[bytes, bytes] | None:
+    # Headers from exceptions are app data: numbers are written out, anything
+    # that is not a token name and a field value (RFC 9110 §5.5) is refused,
+    # since a server rejects it only after the response has started.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(name, str) or not isinstance(value, str) or not TOKEN.fullmatch(name):
+        return None
+    try:
+        encoded = value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    if _FIELD_VALUE_INVALID.search(encoded):
+        return None
+    return name.lower().encode("ascii"), encoded

@@ -19,8 +19,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from envelope_middleware._keys import HANDED_OVER_KEY
 from envelope_middleware.exceptions import ApiError
-from envelope_middleware.middleware import HANDED_OVER_KEY
 
 __all__ = ["hand_over", "install_exception_handlers"]
 

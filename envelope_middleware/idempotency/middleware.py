@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from envelope_middleware._http import TOKEN
+from envelope_middleware._keys import HANDED_OVER_KEY, SCOPE_KEY
 from envelope_middleware.exceptions import (
     ApiError,
     IdempotencyKeyConflict,
@@ -28,7 +29,6 @@ from envelope_middleware.exceptions import (
 from envelope_middleware.idempotency import _record
 from envelope_middleware.idempotency._record import Record, is_recorded
 from envelope_middleware.idempotency.store import Held, IdempotencyStore, MemoryStore, StoreUnavailable
-from envelope_middleware.middleware import HANDED_OVER_KEY, SCOPE_KEY
 
 __all__ = ["IdempotencyMiddleware", "Principal"]
 
