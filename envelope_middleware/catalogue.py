@@ -1,6 +1,6 @@
 """The error catalogue: every error code a partner can see, as data.
 
-The exception classes, the README table and the status fallback all read
+The exception classes, the docs' error table and the status fallback all read
 from here, so a code is defined once.
 """
 
@@ -138,7 +138,7 @@ DEFAULT_CATALOGUE = Catalogue(
 
 
 def render_markdown_table(catalogue: Catalogue) -> str:
-    """The catalogue as the README's markdown table."""
+    """The catalogue as the markdown table of docs/errors.md."""
     lines = ["| code | status | retryable | default message |", "|---|---|---|---|"]
     lines += [
         f"| `{spec.code}` | {spec.status} | {'yes' if spec.retryable else 'no'} | {spec.message} |"

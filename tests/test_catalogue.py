@@ -1,4 +1,4 @@
-"""The error catalogue as data, and the README table rendered from it."""
+"""The error catalogue as data, and the table in docs/errors.md rendered from it."""
 
 from __future__ import annotations
 
@@ -90,12 +90,14 @@ def test_catalogue_rejects_invalid_definitions(make: object, match: str) -> None
         make()  # type: ignore[operator]
 
 
-def test_catalogue_readme_table_is_rendered_from_the_data() -> None:
+def test_catalogue_docs_table_is_rendered_from_the_data() -> None:
     table = render_markdown_table(DEFAULT_CATALOGUE)
     assert table.splitlines()[0] == "| code | status | retryable | default message |"
     assert len(table.splitlines()) == 2 + len(DEFAULT_CATALOGUE)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert table in readme, f"README's error table is stale; it should read:\n{table}"
+    page = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    # The whole table, on lines of its own, once: not a fragment of a longer or second table.
+    assert f"\n\n{table}\n\n" in page, f"docs/errors.md's error table is stale; it should read:\n{table}"
+    assert page.count("| code | status | retryable | default message |") == 1
 
 
 def test_catalogue_repr_lists_its_codes() -> None:

@@ -44,7 +44,8 @@ class Options:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="envelope-demo", description="The envelope_middleware reference partner gateway."
+        prog="python -m envelope_middleware.demo",
+        description="The envelope_middleware reference partner gateway.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=_port, default=8000)
