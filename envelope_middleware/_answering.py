@@ -13,7 +13,8 @@ from envelope_middleware._keys import HANDED_OVER_KEY
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
 # What Starlette's ExceptionMiddleware raises, from the exception, when a handler
 # exists for an exception raised after the app's start: too late for the handler,
-# not for the middleware while it still holds that start.
+# not for the middleware while it still holds that start. Starlette's own words:
+# tests/test_after_start.py runs the installed Starlette, so a rewording fails there.
 _HANDLED_TOO_LATE = ("Caught handled exception, but response already started.",)
 
 
@@ -22,8 +23,8 @@ class Answering(ExchangeState):
 
     async def _send_error_from_response(self, held: Message) -> None:
         headers = as_bytes(held.get("headers") or [])
-        kept_body = b"".join(self.chunks)
-        self.chunks = []
+        kept_body = b"".join(self.error_body)
+        self.error_body = []
         state = self.scope.get("state")
         handed_over = state.pop(HANDED_OVER_KEY, None) if isinstance(state, dict) else None
         if isinstance(handed_over, Exception):
@@ -36,7 +37,7 @@ class Answering(ExchangeState):
         else:
             # A body cut at the limit is not parsed: half a document describes nothing.
             body = kept_body if self.body_size <= ERROR_BODY_LIMIT else b""
-            failure = self.mw.errors.from_response(
+            failure = self.middleware.errors.from_response(
                 held["status"],
                 header_value(headers, b"content-type"),
                 body,
@@ -44,7 +45,7 @@ class Answering(ExchangeState):
             )
         if failure.status >= 500 and kept_body and handed_over is None:
             # What the client will not see is kept for whoever reads the log.
-            self.mw.logger.warning(
+            self.middleware.logger.warning(
                 "error_body_replaced",
                 request_id=self.request_id_str,
                 status=failure.status,
@@ -58,7 +59,7 @@ class Answering(ExchangeState):
                 if (name := pair[0].lower()) in SERVER_ERROR_HEADERS or name.startswith(b"access-control-")
             ]
         else:
-            drop = self.mw.error_drop
+            drop = self.middleware.error_drop
             kept = [pair for pair in headers if pair[0].lower() not in drop]
         # Kept for the client to act on, so only in a form it can act on.
         kept = [pair for pair in kept if pair[0].lower() != b"retry-after" or is_retry_after(pair[1])]
@@ -66,7 +67,7 @@ class Answering(ExchangeState):
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for an exception from the app; False when it is too late to answer."""
-        mw = self.mw
+        middleware = self.middleware
         request_id = self.request_id_str
         if self.answered is not None and _unwrap(exc) is self.answered:
             # Handed over, answered for and logged; re-raised by the sub-app's
@@ -74,12 +75,12 @@ class Answering(ExchangeState):
             return True
         if self._client_left(exc):
             # No one to answer, and no server error in anyone's metrics.
-            mw.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
+            middleware.logger.warning("client_disconnected", request_id=request_id, exc_info=exc)
             return True
-        if self.downstream_started:
+        if self.start_sent:
             # A response cut short must not pass for whole: the server aborts it.
             # A complete one stands; aborting it would only close the connection.
-            mw.logger.error(
+            middleware.logger.error(
                 "exception_after_response_started",
                 request_id=request_id,
                 response_complete=self.complete,
@@ -87,23 +88,22 @@ class Answering(ExchangeState):
             )
             return self.complete
         # Nothing has gone out: whatever the app had begun is discarded.
-        self.start = None
-        self.chunks = []
+        self.held_start = None
         await self._send_answer(self._exception_failure(exc))
         return True
 
     def _exception_failure(self, exc: Exception) -> Failure:
         """What to answer for `exc`, logged: the client gets a generic message, the log the exception."""
-        mw = self.mw
+        middleware = self.middleware
         request_id = self.request_id_str
         self.answered = raised = _unwrap(exc)
-        failure = mw.errors.from_exception(raised, has_credentials=self._has_credentials())
+        failure = middleware.errors.from_exception(raised, has_credentials=self._has_credentials())
         if failure.log == "error":
-            mw.logger.error(
+            middleware.logger.error(
                 "unhandled_exception", request_id=request_id, error_code=failure.code, exc_info=exc
             )
         elif failure.log == "warning":
-            mw.logger.warning(
+            middleware.logger.warning(
                 "mapped_exception", request_id=request_id, error_code=failure.code, exc_info=exc
             )
         return failure
@@ -124,15 +124,15 @@ class Answering(ExchangeState):
         request_id = self.request_id_str
         if self.disconnected or self.send_failed:
             # Starlette's StreamingResponse stops this way when the client leaves.
-            self.mw.logger.warning("client_disconnected", request_id=request_id)
+            self.middleware.logger.warning("client_disconnected", request_id=request_id)
             return
-        if self.downstream_started:
+        if self.start_sent:
             # The server sees an unfinished response and closes the connection.
-            self.mw.logger.error("app_returned_mid_response", request_id=request_id)
+            self.middleware.logger.error("app_returned_mid_response", request_id=request_id)
             return
-        self.mw.logger.error("app_returned_without_response", request_id=request_id)
-        self.start = None
-        await self._send_answer(self.mw.errors.for_code("internal"))
+        self.middleware.logger.error("app_returned_without_response", request_id=request_id)
+        self.held_start = None
+        await self._send_answer(self.middleware.errors.for_code("internal"))
 
     async def _send_answer(self, failure: Failure) -> None:
         """Send the middleware's answer for an app that failed, if the client is still there."""
@@ -141,7 +141,9 @@ class Answering(ExchangeState):
         except OSError as exc:
             # ASGI 2.4: the server's send raised, the client left (see _client_left).
             # No app is left to see it, and the server is not to be told of an error.
-            self.mw.logger.warning("client_disconnected", request_id=self.request_id_str, exc_info=exc)
+            self.middleware.logger.warning(
+                "client_disconnected", request_id=self.request_id_str, exc_info=exc
+            )
 
 
 def _unwrap(exc: Exception) -> Exception:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -65,7 +65,7 @@ class Failure:
     headers: Mapping[str, str] = field(default_factory=dict)
     # How the log tells of it: "quiet" (the access line is enough), "warning" for
     # a mapped exception such as a backend timeout, "error" for an unhandled one.
-    log: str = "quiet"
+    log: Literal["quiet", "warning", "error"] = "quiet"
 
 
 class ErrorPolicy:

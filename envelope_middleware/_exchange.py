@@ -17,7 +17,7 @@ from envelope_middleware._exchange_state import (
     WRAP_STREAM,
     start_held,
 )
-from envelope_middleware._http import RawHeaders, as_bytes, is_blank
+from envelope_middleware._http import RawHeaders, as_bytes, is_blank, is_int_status
 from envelope_middleware._wrapping import Wrapping
 
 _SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
@@ -28,7 +28,7 @@ class Exchange(Wrapping, Answering):
 
     async def receive(self) -> Message:
         """The `receive` the app is given: it notes a client that left."""
-        message = await self.receive_upstream()
+        message = await self.server_receive()
         # Servers also say so once a response is complete: only a client that left
         # before the end is one (an exception from a background task is still the app's).
         if message["type"] == "http.disconnect" and not self.complete:
@@ -57,7 +57,11 @@ class Exchange(Wrapping, Answering):
             self.ended = True
             if mode == PASS:
                 return self._pass_on(message, ends=not self.trailers)
-            if mode in (WRAP_BUFFER, WRAP_STREAM) and not self.streamed and (held := self.start) is not None:
+            if (
+                mode in (WRAP_BUFFER, WRAP_STREAM)
+                and not self.streamed
+                and (held := self.held_start) is not None
+            ):
                 # A body in one message, the common case in both modes: one coroutine
                 # sends it whole, with no streaming bookkeeping. Not after an earlier
                 # body message, even one not awaited yet: it goes first, through _on_body.
@@ -86,12 +90,15 @@ class Exchange(Wrapping, Answering):
             return self._decide({**message, "headers": headers}, headers)
 
     def _decide(self, message: Message, headers: RawHeaders) -> Message | None:
+        """Decide the response's mode; return the start to send now, or None to hold it.
+
+        Nothing is recorded on the exchange until every step that may raise has run:
+        `_on_start` calls this again, with the headers as bytes, after a TypeError.
+        """
         status = message["status"]
         # A final response's status (RFC 9110 §15), an int as ASGI says (HTTPStatus is
         # one): 200.0 and True equal 200 and 1 but are no status line. The app's bug answers 500.
-        if (type(status) is not int and (type(status) is bool or not isinstance(status, int))) or not (
-            200 <= status <= 599
-        ):
+        if not (type(status) is int or is_int_status(status)) or not 200 <= status <= 599:
             raise RuntimeError(f"the app sent an invalid status: {status!r}")
         # HEAD goes the way of GET: RFC 9110 §9.3.2 asks for the headers a GET would
         # get, and §8.6 forbids a Content-Length other than the GET's. Starlette's
@@ -107,10 +114,8 @@ class Exchange(Wrapping, Answering):
             mode = PASS
         else:
             mode = self._wrap_mode(headers)
-        self.mode = mode
         if mode in (PASS, BODYLESS):
-            self.trailers = mode == PASS and bool(message.get("trailers", False))
-            id_name = self.mw.id_header
+            id_name = self.middleware.id_header
             if mode == PASS or status == 304:
                 kept = [pair for pair in headers if pair[0].lower() != id_name]
             else:
@@ -125,8 +130,15 @@ class Exchange(Wrapping, Answering):
                 # No content, so no trailer section either (RFC 9110 §6.5): the start does
                 # not announce one, and the app's trailers are dropped as its body is.
                 forward.pop("trailers", None)
+            self.trailers = mode == PASS and bool(message.get("trailers", False))
+            self.mode = mode
             return forward
-        self.start = message
+        if mode == WRAP_BUFFER:
+            self.held_body = []
+        elif mode == ERROR:
+            self.error_body = []
+        self.mode = mode
+        self.held_start = message
         return None
 
     async def _on_body(self, message: Message) -> None:
@@ -137,7 +149,7 @@ class Exchange(Wrapping, Answering):
             # count bytes (a typed memoryview's len counts its items) and joins work.
             body = bytes(body)
         more: bool = message.get("more_body", False)
-        held = self.start
+        held = self.held_start
         if held is None:
             if mode == WRAP_STREAM:
                 end = b"}"
@@ -153,25 +165,25 @@ class Exchange(Wrapping, Answering):
             else:
                 raise RuntimeError("the app sent a body before http.response.start")
         elif mode == WRAP_BUFFER:
-            self.chunks.append(body)
+            self.held_body.append(body)
             self.body_size += len(body)
             if not more:
-                chunks, self.chunks = self.chunks, []
-                await self._send_wrapped(held, b"".join(chunks))
-            elif (limit := self.mw.held_limit) is not None and self.body_size > limit:
+                parts, self.held_body = self.held_body, []
+                await self._send_wrapped(held, b"".join(parts))
+            elif (limit := self.middleware.held_limit) is not None and self.body_size > limit:
                 # Memory stays bounded; the check is given up for this body, and said so.
-                self.mw.logger.warning(
+                self.middleware.logger.warning(
                     "json_not_validated", request_id=self.request_id_str, held_bytes=self.body_size
                 )
-                chunks, self.chunks = self.chunks, []
+                parts, self.held_body = self.held_body, []
                 self.mode = WRAP_STREAM
-                await self._open_wrapped_stream(held, b"".join(chunks), more=True)
+                await self._open_wrapped_stream(held, b"".join(parts), more=True)
         elif mode == WRAP_STREAM:
             await self._open_wrapped_stream(held, body, more=more)
         else:  # ERROR
             room = ERROR_BODY_LIMIT - self.body_size
             if room > 0:
-                self.chunks.append(body[:room] if len(body) > room else body)
+                self.error_body.append(body[:room] if len(body) > room else body)
             self.body_size += len(body)
             if not more:
                 await self._send_error_from_response(held)
@@ -184,7 +196,7 @@ class Exchange(Wrapping, Answering):
             # pathsend always ends the body; zerocopysend may come in several parts.
             last = kind == "http.response.pathsend" or not message.get("more_body", False)
             self.ended = last
-            held = self.start
+            held = self.held_start
             if self.mode == ERROR:
                 # An error page sent as a file: its bytes are not read, the status decides.
                 if last and held is not None:
@@ -193,7 +205,7 @@ class Exchange(Wrapping, Answering):
             if held is not None:
                 # A JSON file sent by path cannot be wrapped without reading it: it passes.
                 self.mode = PASS
-                id_name = self.mw.id_header
+                id_name = self.middleware.id_header
                 kept = [pair for pair in held["headers"] if pair[0].lower() != id_name]
                 kept.append((id_name, self.request_id))
                 await self._send_start({**held, "headers": kept})

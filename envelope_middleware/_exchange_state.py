@@ -38,7 +38,7 @@ ERROR: Final = 5  # >= 400: read, then replaced by an error envelope
 
 
 async def start_held() -> None:
-    """What `send` returns for a start it holds: nothing goes downstream yet.
+    """What `send` returns for a start it holds: nothing goes to the server yet.
 
     A coroutine, like everything `send` returns when the server's `send`
     returns coroutines: apps may hand it to `asyncio.create_task` or anyio's
@@ -52,12 +52,12 @@ class ExchangeState:
     # Defaults live on the class: most requests never touch most of these, and
     # four assignments per request instead of fifteen are measurable (issue #2).
     mode = NOT_STARTED
-    start: Message | None = None  # the app's start, while held
+    held_start: Message | None = None  # the app's start, while held
     status: int | None = None  # what the client was sent
     error_code: str | None = None
     body_size = 0
     bytes_sent = 0
-    downstream_started = False
+    start_sent = False
     ended = False  # the app has sent its last body message (taken or not)
     streamed = False  # the app has sent a body message that was not its last
     complete = False  # the server has taken the response's last message
@@ -69,17 +69,20 @@ class ExchangeState:
     excluded = False
     answered: Exception | None = None  # an exception a handler handed over, answered for
     wrapped_headers: RawHeaders  # the app's headers a wrapped body keeps, set with the mode
+    # Set with the mode that uses them, so that other responses allocate neither.
+    held_body: list[bytes]  # WRAP_BUFFER: the body so far, until it can be checked whole
+    error_body: list[bytes]  # ERROR: the start of the app's error body, to read its code from
+    bom_prefix = b""  # WRAP_STREAM: a BOM's first bytes, perhaps, held for the next message
 
     def __init__(
-        self, mw: EnvelopeMiddleware, scope: Scope, receive: Receive, send: Send, request_id: str
+        self, middleware: EnvelopeMiddleware, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
-        self.mw = mw
+        self.middleware = middleware
         self.scope = scope
-        self.receive_upstream = receive
-        self.send_downstream = send
+        self.server_receive = receive
+        self.server_send = send
         self.request_id_str = request_id
         self.request_id = request_id.encode("ascii")
-        self.chunks: list[bytes] = []
 
     # -- sending -------------------------------------------------------------
 
@@ -94,20 +97,21 @@ class ExchangeState:
         # The bytes, not the items, of a memoryview of a typed array.
         size = len(body) if type(body) is bytes else memoryview(body).nbytes
         try:
-            await self.send_downstream(message)
+            await self.server_send(message)
         except OSError:
             self.send_failed = True
             raise
         self.bytes_sent += size
-        self.complete = self.complete or ends
+        if ends:
+            self.complete = True
 
     async def _send_start(self, message: Message) -> None:
         # A coroutine: the start counts as sent when it is, not when `send` is
         # called (an app may cancel or drop what `send` returns).
-        self.start = None
-        self.downstream_started = True
+        self.held_start = None
+        self.start_sent = True
         try:
-            await self.send_downstream(message)
+            await self.server_send(message)
         except OSError:
             self.send_failed = True
             raise
@@ -115,7 +119,7 @@ class ExchangeState:
 
     async def _write(self, parts: tuple[bytes, ...], *, more: bool) -> None:
         size = sum(map(len, parts))
-        send = self.send_downstream
+        send = self.server_send
         try:
             if size <= JOIN_LIMIT or len(parts) == 1:
                 await send({"type": "http.response.body", "body": b"".join(parts), "more_body": more})
@@ -129,13 +133,14 @@ class ExchangeState:
         except OSError:
             self.send_failed = True
             raise
-        self.complete = not more
+        if not more:
+            self.complete = True
         self.bytes_sent += size
 
     async def _send_error(self, failure: Failure, headers: RawHeaders) -> None:
-        body = self.mw.errors.render(self.request_id, failure)
+        body = self.middleware.errors.render(self.request_id, failure)
         if failure.headers:
-            drop = self.mw.error_drop
+            drop = self.middleware.error_drop
             own = [
                 encoded
                 for name, value in failure.headers.items()
@@ -147,7 +152,7 @@ class ExchangeState:
             headers = [pair for pair in headers if pair[0].lower() not in names] + own
         headers.append((b"content-type", b"application/json"))
         headers.append((b"content-length", b"%d" % len(body)))
-        headers.append((self.mw.id_header, self.request_id))
+        headers.append((self.middleware.id_header, self.request_id))
         await self._send_start({"type": "http.response.start", "status": failure.status, "headers": headers})
         self.error_code = failure.code  # with the status: what the client was sent
         if self.scope["method"] == "HEAD":

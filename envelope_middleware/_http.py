@@ -154,6 +154,11 @@ def json_error(body: bytes) -> str | None:
     return None
 
 
+def is_int_status(status: object) -> bool:
+    """Whether `status` is an int other than a bool (an `HTTPStatus` is one; 200.0 is not)."""
+    return isinstance(status, int) and type(status) is not bool
+
+
 def as_bytes(headers: Iterable[tuple[Any, Any]]) -> RawHeaders:
     # bytes-like names and values as bytes; anything else (str, int) is the app's
     # bug and raises here rather than becoming zero bytes.

@@ -24,7 +24,7 @@ class Wrapping(ExchangeState):
     def _wrap_mode(self, headers: RawHeaders) -> int:
         # One pass decides whether to wrap and keeps the headers a wrapped body
         # can carry, so the start is not scanned twice (issue #2, per-request cost).
-        drop = self.mw.wrap_drop
+        drop = self.middleware.wrap_drop
         kept: RawHeaders = []
         content_type: bytes | None = None
         for pair in headers:
@@ -44,7 +44,7 @@ class Wrapping(ExchangeState):
         if content_type is None or not is_json_media_type(content_type):
             return PASS
         self.wrapped_headers = kept
-        return WRAP_BUFFER if self.mw.validate_json else WRAP_STREAM
+        return WRAP_BUFFER if self.middleware.validate_json else WRAP_STREAM
 
     async def _send_wrapped(self, held: Message, body: bytes) -> None:
         """The whole body is here and the start held: check it (validating mode), send it wrapped."""
@@ -59,19 +59,19 @@ class Wrapping(ExchangeState):
             body = b"null"  # nothing, or whitespace alone: no document
         elif self.mode == WRAP_BUFFER and (problem := json_error(body)) is not None:
             # The body may hold anything: its size and the parser's reason are logged, not it.
-            self.mw.logger.warning(
+            self.middleware.logger.warning(
                 "downstream_invalid_json",
                 request_id=self.request_id_str,
                 body_bytes=len(body),
                 reason=problem,
             )
-            await self._send_error(self.mw.errors.for_code("downstream_invalid_response"), [])
+            await self._send_error(self.middleware.errors.for_code("downstream_invalid_response"), [])
             return
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         size = len(prefix) + len(body) + 1
-        self.start = None
-        self.downstream_started = True
-        send = self.send_downstream
+        self.held_start = None
+        self.start_sent = True
+        send = self.server_send
         try:
             await send(self._wrapped_start(held, size if received else self._length_of_nothing(held, size)))
             self.status = held["status"]
@@ -91,17 +91,16 @@ class Wrapping(ExchangeState):
         self.bytes_sent = size
 
     async def _open_wrapped_stream(self, held: Message, body: bytes, *, more: bool) -> None:
-        if self.chunks:
-            self.chunks.append(body)
-            body = b"".join(self.chunks)
-            self.chunks = []
+        if self.bom_prefix:
+            body = self.bom_prefix + body
+            self.bom_prefix = b""
         # A BOM (RFC 8259 §8.1) inside the envelope would make it invalid: dropped,
         # however the messages split it.
         if body.startswith(BOM):
             body = body[3:]
             self.skipped += len(BOM)
         elif more and len(body) < len(BOM) and BOM.startswith(body):
-            self.chunks.append(body)  # a BOM's first bytes, perhaps
+            self.bom_prefix = body  # a BOM's first bytes, perhaps
             return
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         if more:
@@ -153,5 +152,5 @@ class Wrapping(ExchangeState):
         headers.append((b"content-type", b"application/json"))
         if content_length is not None:
             headers.append((b"content-length", str(content_length).encode()))
-        headers.append((self.mw.id_header, self.request_id))
+        headers.append((self.middleware.id_header, self.request_id))
         return {"type": "http.response.start", "status": held["status"], "headers": headers}

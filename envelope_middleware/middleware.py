@@ -11,6 +11,7 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars as structlog_bind
 from structlog.contextvars import reset_contextvars
+from structlog.typing import FilteringBoundLogger
 
 from envelope_middleware._context import structlog_context_vars
 from envelope_middleware._errors import ErrorPolicy
@@ -89,7 +90,7 @@ class EnvelopeMiddleware:
         exception_codes: Mapping[Any, str] | None = None,
         access_log: bool = True,
         bind_contextvars: bool = True,
-        logger: Any = None,
+        logger: FilteringBoundLogger | None = None,
     ) -> None:
         if not TOKEN.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")

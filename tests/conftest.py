@@ -11,9 +11,12 @@ from typing import Any
 import orjson
 import pytest
 import structlog
+from hypothesis import strategies as st
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import merge_contextvars
 from structlog.testing import LogCapture
+
+from envelope_middleware import EnvelopeMiddleware
 
 HEX_ID = r"[0-9a-f]{32}"
 
@@ -159,6 +162,64 @@ def body(data: bytes = b"", *, more: bool = False) -> Message:
 
 
 JSON = (b"content-type", b"application/json")
+
+
+# -- shared by the EnvelopeMiddleware test files (tests/test_success_envelope.py and the rest)
+
+
+def envelope(app: Any, **options: Any) -> EnvelopeMiddleware:
+    return EnvelopeMiddleware(app, access_log=False, **options)
+
+
+def assert_error(sent: Sent, status: int, code: str) -> dict[str, Any]:
+    assert sent.status == status
+    assert sent.header("content-type") == "application/json"
+    assert sent.header("content-length") == str(len(sent.body))
+    document = sent.json()
+    assert set(document) == {"request_id", "error"}
+    assert document["request_id"] == sent.header("x-request-id")
+    assert set(document["error"]) == {"code", "message", "details"}
+    assert document["error"]["code"] == code
+    assert isinstance(document["error"]["message"], str)
+    assert document["error"]["message"]
+    assert isinstance(document["error"]["details"], dict)
+    error: dict[str, Any] = document["error"]
+    return error
+
+
+def raising(exc: BaseException) -> Any:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise exc
+
+    return app
+
+
+def zerocopy(*, more: bool) -> Message:
+    return {"type": "http.response.zerocopysend", "file": 3, "count": 10, "more_body": more}
+
+
+async def _request() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+_TRAILERS = {"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")], "more_trailers": False}
+
+
+def _scope(method: str = "GET", path: str = "/") -> Scope:
+    return make_scope(method, path)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
 import anyio
 import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.typing import FilteringBoundLogger
 
 from envelope_middleware._http import TOKEN
 from envelope_middleware._keys import HANDED_OVER_KEY, SCOPE_KEY
@@ -83,7 +83,7 @@ class IdempotencyMiddleware:
         lease: float = 30.0,
         max_body_size: int = 1024 * 1024,
         max_response_size: int = 1024 * 1024,
-        logger: Any = None,
+        logger: FilteringBoundLogger | None = None,
     ) -> None:
         if not callable(principal):
             raise TypeError("principal is a callable from the request's scope to the caller's id")

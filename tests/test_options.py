@@ -1,0 +1,85 @@
+"""The constructor's checks.
+
+From Options: all keyword-only, validated once when the middleware is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from envelope_middleware import EnvelopeMiddleware
+from tests.conftest import scripted
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"exclude_paths": ["health"]}, "start with '/'"),
+        ({"request_id_header": "Content-Length"}, "body header"),
+        ({"max_validated_size": -1}, "max_validated_size"),
+    ],
+    ids=["relative-path", "body-header", "negative-size"],
+)
+def test_envelope_refuses_an_invalid_option_before_it_answers_a_request(
+    options: dict[str, Any], message: str
+) -> None:
+    async def order(request: Request) -> Response:
+        return JSONResponse({"id": "ord_1"})
+
+    app = Starlette(routes=[Route("/", order)], middleware=[Middleware(EnvelopeMiddleware, **options)])
+    client = TestClient(app)
+    # Starlette builds its middleware when the first request (or the lifespan) comes.
+    with pytest.raises(ValueError, match=message):
+        client.get("/")
+
+
+def test_envelope_rejects_relative_excluded_paths() -> None:
+    with pytest.raises(ValueError, match="start with '/'"):
+        EnvelopeMiddleware(scripted(), exclude_paths=["health"])
+
+
+def test_envelope_rejects_an_invalid_header_name() -> None:
+    with pytest.raises(ValueError, match="header name"):
+        EnvelopeMiddleware(scripted(), request_id_header="X Request\r\nID")
+
+
+@pytest.mark.parametrize("name", ["ETag", "content-length"])
+def test_envelope_rejects_a_body_header_as_the_id_header(name: str) -> None:
+    with pytest.raises(ValueError, match="body header"):
+        EnvelopeMiddleware(scripted(), request_id_header=name)
+
+
+@pytest.mark.parametrize("key", [42, None, ValueError()])
+def test_envelope_refuses_exception_codes_keyed_by_what_is_no_exception_type(key: object) -> None:
+    with pytest.raises(TypeError, match="exception types"):
+        EnvelopeMiddleware(scripted(), exception_codes={key: "internal"})
+
+
+def test_envelope_rejects_exception_codes_outside_the_catalogue() -> None:
+    with pytest.raises(ValueError, match="not in the catalogue"):
+        EnvelopeMiddleware(scripted(), exception_codes={ValueError: "no_such_code"})
+
+
+@pytest.mark.parametrize("size", [-1, True, 1.5, float("nan")])
+def test_envelope_refuses_a_max_validated_size_that_is_not_a_size(size: int) -> None:
+    with pytest.raises(ValueError, match="max_validated_size"):
+        EnvelopeMiddleware(scripted(), max_validated_size=size)
+
+
+def test_envelope_refuses_a_stdlib_logger_it_could_not_call() -> None:
+    stdlib = logging.getLogger("gateway")
+    for logger in (stdlib, logging.LoggerAdapter(stdlib)):
+        with pytest.raises(TypeError, match="structlog logger"):
+            # The type the option refuses at run time, which mypy refuses too.
+            EnvelopeMiddleware(scripted(), logger=logger)  # type: ignore[arg-type]
