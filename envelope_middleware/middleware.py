@@ -23,6 +23,7 @@ from envelope_middleware._http import (
     WRAPPED_BODY_HEADERS,
 )
 from envelope_middleware._keys import HANDED_OVER_KEY, SCOPE_KEY
+from envelope_middleware._paths import ExcludedPaths
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
 from envelope_middleware.request_id import (
     RequestIdFormat,
@@ -109,20 +110,9 @@ class EnvelopeMiddleware:
             raise ValueError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
         # At least the three bytes that tell whether there is a BOM to drop.
         self.held_limit = None if max_validated_size is None else max(max_validated_size, len(BOM))
-        exact: set[str] = set()
-        subtrees: list[str] = []
-        for path in exclude_paths:
-            if not path.startswith("/"):
-                raise ValueError(f"excluded paths start with '/': {path!r}")
-            # As in Go's ServeMux: "/docs/" names a subtree, /docs included, and
-            # "/health" one path, so /health/deep stays in the contract. "/" is
-            # the root alone: a subtree of everything would exclude the app.
-            base = path.rstrip("/")
-            if base and path.endswith("/"):
-                subtrees.append(base + "/")
-            exact.add(base or "/")
-        self.excluded_paths = frozenset(exact)
-        self.excluded_prefixes = tuple(subtrees)
+        excluded = ExcludedPaths(exclude_paths)
+        # None without paths: the common case then costs one identity check per request.
+        self.excluded = excluded if excluded.exact else None
         self.errors = ErrorPolicy(
             catalogue, allowed_codes=allowed_codes, exception_codes=exception_codes or {}
         )
@@ -153,11 +143,16 @@ class EnvelopeMiddleware:
         state["request_id"] = request_id
 
         exchange = Exchange(self, scope, receive, send, request_id)
-        if self.excluded_paths and self.is_excluded(scope):
+        excluded = self.excluded
+        if excluded is not None and excluded.matches(scope):
             # Decided now: a router further in (Starlette's Mount) rewrites
             # scope["root_path"] before the app responds.
             exchange.excluded = True
         id_token = _request_id.set(request_id)
+        # Set here and reset in the `finally` below under the same two conditions,
+        # which do not change in between: `tokens` with `context_vars`, and
+        # `fallback_tokens` with `context_fallback` (kept as locals: no per-request
+        # container or helper call, issue #2).
         context_vars = self.context_vars
         if context_vars is not None:
             id_var, method_var, path_var = context_vars
@@ -232,16 +227,3 @@ class EnvelopeMiddleware:
         except UnicodeDecodeError:
             return None
         return candidate if is_safe_request_id(candidate) else None
-
-    def is_excluded(self, scope: Scope) -> bool:
-        # Paths are the app's own: a mount point or a proxy's root_path in front
-        # of them (which servers and Starlette put into scope["path"]) is not.
-        path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
-        # Only a whole leading segment is the root: with root_path "/h", "/health" is
-        # the app's own path, as Starlette's router reads it.
-        if root_path and (path == root_path or path.startswith(root_path + "/")):
-            path = path[len(root_path) :] or "/"
-        return path in self.excluded_paths or (
-            bool(self.excluded_prefixes) and path.startswith(self.excluded_prefixes)
-        )

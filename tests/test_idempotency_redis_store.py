@@ -245,15 +245,15 @@ async def test_redis_store_a_claim_that_lands_after_its_timeout_is_freed(own_red
 
 
 async def test_redis_store_down_the_late_release_gives_up_with_the_lease() -> None:
-    from envelope_middleware.idempotency import middleware  # noqa: PLC0415
+    from envelope_middleware.idempotency import _run  # noqa: PLC0415
 
     store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
     async with client_for(gateway(store, [], lease=0.5)) as http:
         answer = await http.post("/orders", content=b"{}", headers={"Idempotency-Key": "k"})
     assert answer.status_code == 503
-    assert len(middleware._pending) == 1  # the release of the claim that may yet land
+    assert len(_run._pending) == 1  # the release of the claim that may yet land
     deadline = time.monotonic() + 3
-    while middleware._pending:
+    while _run._pending:
         assert time.monotonic() < deadline, "the release outlived the lease"
         await asyncio.sleep(0.05)
     await store.aclose()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hmac
 import http.cookiejar
 import logging
 import re
@@ -28,9 +25,6 @@ from starlette.types import ASGIApp, Scope
 from envelope_middleware import (
     DEFAULT_CATALOGUE,
     ApiError,
-    AuthForbidden,
-    AuthInvalidCredential,
-    AuthMissing,
     DownstreamInvalidResponse,
     DownstreamTimeout,
     DownstreamUnavailable,
@@ -43,12 +37,12 @@ from envelope_middleware import (
     async_request_id_hook,
 )
 from envelope_middleware._http import is_json_media_type
+from envelope_middleware.demo.auth import CREDENTIALS, Credential, authorize
 from envelope_middleware.idempotency import IdempotencyStore
 from envelope_middleware.request_id import RequestIdFormat
 
 __all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
 
-_REALM = {"WWW-Authenticate": 'Basic realm="partner-api"'}
 _FORWARDED_HEADERS = ("content-type", "retry-after")
 MAX_PAGE_SIZE = 100
 MAX_BODY_BYTES = 16 * 1024  # a write body here is a few fields; more is refused, not read
@@ -71,63 +65,11 @@ _AUTHORIZED = "envelope_middleware.demo.credential"  # a write's credential, che
 
 
 @dataclass(frozen=True)
-class Credential:
-    """A partner's HTTP Basic credential and the scopes it grants."""
-
-    partner_key: str
-    secret: str
-    scopes: frozenset[str]
-
-
-CREDENTIALS = (
-    Credential(
-        "demo_partner", "demo_secret", frozenset({"orders:read", "brands:read", "menus:read", "menus:oos"})
-    ),
-    Credential("demo_readonly", "readonly_secret", frozenset({"orders:read"})),
-    # A second partner that may write: the same Idempotency-Key from two partners
-    # is two operations (issue #10), which curl can show with these two.
-    Credential("demo_writer", "writer_secret", frozenset({"orders:read", "menus:oos"})),
-)
-
-
-@dataclass(frozen=True)
 class _Api:
     """One gateway route: which backend serves it and which scope it needs."""
 
     backend: str
     scope: str
-
-
-def _authorize(request: Request | Scope, credentials: Mapping[str, Credential], scope: str) -> Credential:
-    # The ASGI scope is read as it is where there is no Request yet (the write
-    # route's principal): building one costs more than the check itself.
-    raw = request.scope["headers"] if isinstance(request, Request) else request["headers"]
-    headers = [value.decode("latin-1") for name, value in raw if name == b"authorization"]
-    if not headers:
-        raise AuthMissing("Send HTTP Basic credentials: partner_key:secret_key.", headers=_REALM)
-    if len(headers) > 1:
-        # Which one counts would depend on who reads them: a proxy in front may
-        # have checked the other one (issue #3 review).
-        raise AuthMissing("Send one Authorization header.", headers=_REALM)
-    header = headers[0]
-    kind, _, encoded = header.partition(" ")
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):  # ValueError also covers non-ASCII input and bad UTF-8
-        decoded = ""
-    key, colon, secret = decoded.partition(":")
-    if kind.lower() != "basic" or not colon:
-        raise AuthMissing(
-            "The Authorization header is not HTTP Basic partner_key:secret_key.", headers=_REALM
-        )
-    credential = credentials.get(key)
-    # Compare even for unknown keys, so the answer does not come faster for them.
-    expected = credential.secret if credential is not None else "\x00" * len(secret)
-    if not hmac.compare_digest(secret.encode(), expected.encode()) or credential is None:
-        raise AuthInvalidCredential(headers=_REALM)
-    if scope not in credential.scopes:
-        raise AuthForbidden(f"This credential lacks the {scope} scope.", details={"required_scope": scope})
-    return credential
 
 
 def _positive_int(
@@ -273,13 +215,13 @@ def create_gateway(
     )
 
     async def list_orders(request: Request) -> Response:
-        _authorize(request, by_key, orders.scope)
+        authorize(request, by_key, orders.scope)
         return await _forward(
             request, orders, "/orders", params=_validated_query(request, filters=("brand_id", "branch_id"))
         )
 
     async def get_order(request: Request) -> Response:
-        _authorize(request, by_key, orders.scope)
+        authorize(request, by_key, orders.scope)
         order_id = request.path_params["order_id"]
         # The id becomes part of the backend's URL: only an id's characters may.
         if not _ORDER_ID.fullmatch(order_id):
@@ -287,18 +229,18 @@ def create_gateway(
         return await _forward(request, orders, f"/orders/{order_id}")
 
     async def list_branches(request: Request) -> Response:
-        _authorize(request, by_key, branches.scope)
+        authorize(request, by_key, branches.scope)
         query = _validated_query(request, filters=("brand_id",))
         return await _forward(request, branches, "/branches", params=query)
 
     async def list_brands(request: Request) -> Response:
-        _authorize(request, by_key, brands.scope)
+        authorize(request, by_key, brands.scope)
         return await _forward(request, brands, "/brands", params=_validated_query(request))
 
     async def item_availability(request: Request) -> Response:
         # Authorised already, by the idempotency middleware's principal (`writer`).
         if request.scope.get(_AUTHORIZED) is None:
-            _authorize(request, by_key, items.scope)
+            authorize(request, by_key, items.scope)
         item_id = request.path_params["item_id"]
         if not _is_item_id(item_id):
             raise _unmapped(item_id)
@@ -315,7 +257,7 @@ def create_gateway(
     def writer(scope: Scope) -> str:
         # The idempotency key belongs to the partner; a request failing auth or
         # lacking the scope is answered here and never reaches the store.
-        credential = _authorize(scope, by_key, items.scope)
+        credential = authorize(scope, by_key, items.scope)
         scope[_AUTHORIZED] = credential  # the handler need not check it again
         return credential.partner_key
 
