@@ -22,6 +22,7 @@ from envelope_middleware.exceptions import (
 from envelope_middleware.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryStore
 from envelope_middleware.logging import RequestIdFilter
 from envelope_middleware.middleware import EnvelopeMiddleware
+from envelope_middleware.openapi import envelope_openapi
 from envelope_middleware.propagation import (
     async_request_id_hook,
     request_id_headers,
@@ -62,6 +63,7 @@ __all__ = [
     "ServiceUnavailable",
     "StateInvalidTransition",
     "async_request_id_hook",
+    "envelope_openapi",
     "get_request_id",
     "hex_request_id",
     "is_safe_request_id",

@@ -7,6 +7,8 @@ in `details`. FastAPI stays optional: this module is the only one importing it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,8 +16,9 @@ from fastapi.responses import JSONResponse
 from envelope_middleware._validation import VALIDATION_MESSAGE, validation_error_details
 from envelope_middleware.exceptions import RequestInvalid
 from envelope_middleware.handlers import hand_over, install_exception_handlers
+from envelope_middleware.openapi import envelope_openapi
 
-__all__ = ["install_fastapi_handlers", "validation_error_details"]
+__all__ = ["install_fastapi_handlers", "install_fastapi_openapi", "validation_error_details"]
 
 
 async def _request_validation_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -37,3 +40,26 @@ def install_fastapi_handlers(app: FastAPI) -> None:
     """
     install_exception_handlers(app)
     app.add_exception_handler(RequestValidationError, _request_validation_handler)
+
+
+def install_fastapi_openapi(app: FastAPI, **options: Any) -> None:
+    """Make `app.openapi()`, and so `/openapi.json` and `/docs`, return the enveloped document.
+
+    `options` are `envelope_openapi`'s: pass the middleware's own (its
+    `exclude_paths`, `catalogue`, `request_id_format`, ...). A separate call from
+    `install_fastapi_handlers`, which knows none of them. Exclude the document's
+    own paths (`/openapi.json`, `/docs`) from the envelope, as every docs page.
+    """
+    bare = app.openapi
+    options.setdefault(
+        "validation_errors", app.exception_handlers.get(RequestValidationError) is _request_validation_handler
+    )
+
+    cache: list[dict[str, Any]] = []  # built once, on first use, as FastAPI builds its own
+
+    def openapi() -> dict[str, Any]:
+        if not cache:
+            cache.append(envelope_openapi(bare(), **options))
+        return cache[0]
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to change the document
