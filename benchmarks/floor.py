@@ -193,7 +193,19 @@ def compiled_layer(app: ASGIApp, *, context: bool = True) -> ASGIApp:
 
 
 # The hot-path modules mypyc compiles; the rest of the package stays Python.
-MYPYC_MODULES = ["middleware.py", "_http.py", "request_id.py", "_context.py"]
+# The middleware's hot path: the class and the per-request exchange's modules (issue #13 split them).
+MYPYC_MODULES = [
+    "middleware.py",
+    "_exchange.py",
+    "_answering.py",
+    "_wrapping.py",
+    "_exchange_state.py",
+    "_paths.py",
+    "_keys.py",
+    "_http.py",
+    "request_id.py",
+    "_context.py",
+]
 MYPYC_STACK = "EnvelopeMiddleware, mypyc"
 
 

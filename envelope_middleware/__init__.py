@@ -20,7 +20,7 @@ from envelope_middleware.exceptions import (
     StateInvalidTransition,
 )
 from envelope_middleware.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryStore
-from envelope_middleware.logging import RequestIdFilter
+from envelope_middleware.logging import EventLogger, RequestIdFilter
 from envelope_middleware.middleware import EnvelopeMiddleware
 from envelope_middleware.openapi import envelope_openapi
 from envelope_middleware.propagation import (
@@ -49,6 +49,7 @@ __all__ = [
     "DownstreamUnavailable",
     "EnvelopeMiddleware",
     "ErrorSpec",
+    "EventLogger",
     "IdempotencyKeyConflict",
     "IdempotencyMiddleware",
     "IdempotencyStore",

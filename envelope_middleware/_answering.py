@@ -6,9 +6,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from envelope_middleware._errors import ERROR_BODY_LIMIT, Failure
-from envelope_middleware._exchange_state import ExchangeState
 from envelope_middleware._http import SERVER_ERROR_HEADERS, as_bytes, header_value, is_retry_after
 from envelope_middleware._keys import HANDED_OVER_KEY
+from envelope_middleware._wrapping import Wrapping
 
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
 # What Starlette's ExceptionMiddleware raises, from the exception, when a handler
@@ -18,7 +18,7 @@ _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
 _HANDLED_TOO_LATE = ("Caught handled exception, but response already started.",)
 
 
-class Answering(ExchangeState):
+class Answering(Wrapping):
     """The exchange's error answers, from the app's error responses and its exceptions."""
 
     async def _send_error_from_response(self, held: Message) -> None:

@@ -18,12 +18,11 @@ from envelope_middleware._exchange_state import (
     start_held,
 )
 from envelope_middleware._http import RawHeaders, as_bytes, is_blank, is_int_status
-from envelope_middleware._wrapping import Wrapping
 
 _SENDFILE_MESSAGES = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 
 
-class Exchange(Wrapping, Answering):
+class Exchange(Answering):
     """One request's response: `receive` and `send` are what the app is given."""
 
     async def receive(self) -> Message:
@@ -93,7 +92,8 @@ class Exchange(Wrapping, Answering):
         """Decide the response's mode; return the start to send now, or None to hold it.
 
         Nothing is recorded on the exchange until every step that may raise has run:
-        `_on_start` calls this again, with the headers as bytes, after a TypeError.
+        `_on_start` calls this again, with the headers as bytes, after a TypeError or
+        an AttributeError.
         """
         status = message["status"]
         # A final response's status (RFC 9110 §15), an int as ASGI says (HTTPStatus is

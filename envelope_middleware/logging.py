@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Protocol
 
 from envelope_middleware.request_id import get_request_id
 
-__all__ = ["RequestIdFilter"]
+__all__ = ["EventLogger", "RequestIdFilter"]
+
+
+class EventLogger(Protocol):
+    """What the middleware logs to: a structlog logger, bound or not.
+
+    Events are a name and fields. structlog's filtering, stdlib and print
+    loggers all have these; a stdlib `logging.Logger` does not take fields.
+    """
+
+    def info(self, event: str, *args: Any, **fields: Any) -> Any: ...
+    def warning(self, event: str, *args: Any, **fields: Any) -> Any: ...
+    def error(self, event: str, *args: Any, **fields: Any) -> Any: ...
+    def exception(self, event: str, *args: Any, **fields: Any) -> Any: ...
 
 
 class RequestIdFilter(logging.Filter):

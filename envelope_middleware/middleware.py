@@ -11,7 +11,6 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars as structlog_bind
 from structlog.contextvars import reset_contextvars
-from structlog.typing import FilteringBoundLogger
 
 from envelope_middleware._context import structlog_context_vars
 from envelope_middleware._errors import ErrorPolicy
@@ -25,6 +24,7 @@ from envelope_middleware._http import (
 from envelope_middleware._keys import HANDED_OVER_KEY, SCOPE_KEY
 from envelope_middleware._paths import ExcludedPaths
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
+from envelope_middleware.logging import EventLogger
 from envelope_middleware.request_id import (
     RequestIdFormat,
     _request_id,
@@ -91,7 +91,7 @@ class EnvelopeMiddleware:
         exception_codes: Mapping[Any, str] | None = None,
         access_log: bool = True,
         bind_contextvars: bool = True,
-        logger: FilteringBoundLogger | None = None,
+        logger: EventLogger | None = None,
     ) -> None:
         if not TOKEN.fullmatch(request_id_header):
             raise ValueError(f"request_id_header is not a valid header name: {request_id_header!r}")
@@ -112,7 +112,7 @@ class EnvelopeMiddleware:
         self.held_limit = None if max_validated_size is None else max(max_validated_size, len(BOM))
         excluded = ExcludedPaths(exclude_paths)
         # None without paths: the common case then costs one identity check per request.
-        self.excluded = excluded if excluded.exact else None
+        self.excluded_paths = excluded if excluded.exact else None
         self.errors = ErrorPolicy(
             catalogue, allowed_codes=allowed_codes, exception_codes=exception_codes or {}
         )
@@ -143,7 +143,7 @@ class EnvelopeMiddleware:
         state["request_id"] = request_id
 
         exchange = Exchange(self, scope, receive, send, request_id)
-        excluded = self.excluded
+        excluded = self.excluded_paths
         if excluded is not None and excluded.matches(scope):
             # Decided now: a router further in (Starlette's Mount) rewrites
             # scope["root_path"] before the app responds.

@@ -222,6 +222,23 @@ json_values = st.recursive(
 )
 
 
+def plain_structlog() -> None:
+    """structlog's defaults, but tracebacks drawn plainly.
+
+    With rich installed (schemathesis brings it), the development renderer draws
+    every logged traceback with it, at up to a second each: the suite's time,
+    not the middleware's.
+    """
+    structlog.reset_defaults()
+    *processors, _ = structlog.get_config()["processors"]
+    renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    structlog.configure(processors=[*processors, renderer])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    plain_structlog()
+
+
 @pytest.fixture
 def logs() -> Iterator[LogCapture]:
     """Every structlog event, with the contextvars merged in as in a real configuration."""
@@ -230,7 +247,7 @@ def logs() -> Iterator[LogCapture]:
     try:
         yield capture
     finally:
-        structlog.reset_defaults()
+        plain_structlog()
 
 
 @pytest.fixture(params=["memory", "redis"])

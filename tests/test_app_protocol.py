@@ -258,3 +258,29 @@ async def test_envelope_access_event_counts_bytes_of_a_typed_memoryview(logs: An
     sent = await call(EnvelopeMiddleware(scripted(start(200, [(b"content-type", b"text/plain")]), message)))
     [access] = [e for e in logs.entries if e["event"] == "http_request"]
     assert access["bytes_sent"] == len(sent.body) == data.nbytes
+
+
+async def test_envelope_a_start_refused_for_its_headers_can_be_sent_again() -> None:
+    # Header names that cannot be read even as bytes: the start is refused with
+    # TypeError, and an app that catches it may still answer (issue #13 review:
+    # the refused start had already set the mode, so the retry became a 500).
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with pytest.raises(TypeError):
+            await send({"type": "http.response.start", "status": 302, "headers": [(1, b"x")]})
+        await send(start(302, [(b"location", b"/x")]))
+        await send(body())
+
+    sent = await call(EnvelopeMiddleware(app))
+    assert sent.status == 302
+    assert sent.header("location") == "/x"
+
+
+async def test_envelope_a_body_after_a_refused_start_is_refused_too() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with pytest.raises(TypeError):
+            await send({"type": "http.response.start", "status": 302, "headers": [(1, b"x")]})
+        await send(body(b"hello"))
+
+    sent = await call(EnvelopeMiddleware(app))
+    assert sent.status == 500  # the body without a start is the app's bug, answered, not passed on
+    assert b"hello" not in sent.body

@@ -204,7 +204,7 @@ async def test_envelope_a_client_gone_before_a_passed_through_file_is_a_warning(
 
 
 async def test_envelope_access_event_has_no_status_when_the_server_refused_the_start(logs: Any) -> None:
-    # README: `status` is what was sent, null if nothing was.
+    # docs/options.md: `status` is what was sent, null if nothing was.
     async def send(message: Message) -> None:
         raise OSError("connection reset by peer")
 

@@ -122,7 +122,11 @@ async def test_redis_store_down_answers_503_and_runs_nothing(logs: LogCapture) -
     await store.aclose()
 
 
-async def test_redis_store_a_slow_redis_is_cut_off_by_the_timeout(own_redis: RedisServer) -> None:
+async def test_redis_store_a_slow_redis_is_cut_off_by_the_timeout(
+    own_redis: RedisServer, logs: LogCapture
+) -> None:
+    # `logs` captures the logged traceback: structlog's development renderer would
+    # spend a second drawing it (with rich installed), which is not the store's time.
     store = RedisStore.from_url(own_redis.url, timeout=0.2)
     executed: list[bytes] = []
     async with client_for(gateway(store, executed)) as http:

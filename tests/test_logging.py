@@ -18,7 +18,7 @@ from envelope_middleware import EnvelopeMiddleware, RequestIdFilter, ResourceNot
 from envelope_middleware import _context as context_module
 from envelope_middleware import middleware as middleware_module
 from envelope_middleware._context import structlog_context_vars
-from tests.conftest import JSON, body, call, make_scope, scripted, start
+from tests.conftest import JSON, body, call, make_scope, plain_structlog, scripted, start
 
 log = structlog.get_logger("app")
 
@@ -191,7 +191,7 @@ async def test_logging_through_structlog_stdlib_integration(caplog: pytest.LogCa
         with caplog.at_level(logging.INFO):
             sent = await call(EnvelopeMiddleware(chatty_app))
     finally:
-        structlog.reset_defaults()
+        plain_structlog()
     request_id = sent.header("x-request-id") or ""
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3

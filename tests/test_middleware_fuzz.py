@@ -1,12 +1,12 @@
-"""EnvelopeMiddleware under generated apps and servers: the README's contract, whatever they do.
+"""EnvelopeMiddleware under generated apps and servers: the documented contract, whatever they do.
 
 A raw ASGI app sends a generated sequence of messages (a start with any status and headers,
 body chunks as bytes, bytearray or memoryview split anywhere, protocol violations), may raise
 at any point and may read `receive`, which may report a disconnect; the server's `send` may
 raise OSError, as ASGI 2.4 servers do for a client that left, or refuse a message, as uvicorn
 does a body shorter than its Content-Length. Every run is checked, as the server and the log
-saw it, against the README's contract table, its error rules and its "Trade-offs and limits"
-(and the CHANGELOG where the README is silent), by an oracle that shares no code with the
+saw it, against docs/contract.md's table, docs/errors.md's rules and docs/limits.md
+(and the CHANGELOG where the docs are silent), by an oracle that shares no code with the
 package. Where the contract allows either answer, the oracle takes either, and says why.
 
 CI runs a fixed set of examples (derandomized, no example database), so a run never fails at
@@ -41,7 +41,7 @@ from structlog.typing import EventDict
 from envelope_middleware import DEFAULT_CATALOGUE, ApiError, EnvelopeMiddleware, RateLimited, ResourceNotFound
 from tests.conftest import HEX_ID, Sent, make_scope
 
-# From the README, not imported: the oracle must not share the code under test.
+# From the docs, not imported: the oracle must not share the code under test.
 # 5xx: "only headers that reveal nothing (Retry-After as seconds or an HTTP-date, caching, Vary,
 # Set-Cookie, auth challenges, Allow, security policies, Access-Control-*)"
 SERVER_ERROR_HEADERS = {
@@ -200,7 +200,7 @@ def _nesting(data: bytes) -> int:
 
 
 def json_valid(data: bytes) -> bool | None:
-    """RFC 8259 with the README's two strict choices; None where it allows either answer."""
+    """RFC 8259 with docs/limits.md's two strict choices; None where it allows either answer."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -246,7 +246,7 @@ def deep(levels: int, kind: str) -> bytes:
     return b'{"a":' * levels + b"1" + b"}" * levels
 
 
-# At JSON's edges: mostly not JSON, but for 1e999 and -1e-999 (the README refuses only lone
+# At JSON's edges: mostly not JSON, but for 1e999 and -1e-999 (docs/limits.md refuses only lone
 # surrogates and deep nesting, not a number's range).
 edge_json = st.sampled_from(
     [
@@ -700,7 +700,7 @@ class Run:
 
     @property
     def client_gone(self) -> bool:
-        """The README's client that left: an OSError from the server's `send`, on any message."""
+        """docs/errors.md's client that left: an OSError from the server's `send`, on any message."""
         return isinstance(self.server_exc, OSError)
 
     def events(self, name: str) -> list[EventDict]:
@@ -881,7 +881,7 @@ def over_limit(sc: Scenario) -> bool:
 
 
 def client_left(run: Run, exc: BaseException) -> bool:
-    """The README's "client that left": no server error, a warning, nothing raised."""
+    """docs/errors.md's "client that left": no server error, a warning, nothing raised."""
     exc = unwrap(exc)
     if run.client_gone and isinstance(exc, OSError | ClientDisconnect):
         return True
@@ -968,7 +968,7 @@ def check_protocol(sc: Scenario, run: Run) -> None:
 
 
 def check_exception_outcome(sc: Scenario, run: Run) -> None:
-    """README "Errors": what is raised to the server, and what is logged, for an app that failed."""
+    """docs/errors.md: what is raised to the server, and what is logged, for an app that failed."""
     exc = run.app_exc
     if exc is None or not run.started_at_exc:
         # Nothing was out: the middleware answered (for the exception, or for no response).
@@ -1051,7 +1051,7 @@ def check(sc: Scenario, run: Run) -> None:
         check_answer(sc, run, *expected_for_exception(exc))
         return
     if mode in ("invalid", "none"):
-        # No response at all, and no exception: the README's 500 internal.
+        # No response at all, and no exception: docs/contract.md's 500 internal.
         check_answer(sc, run, 500, "internal")
         return
     orderly = exc is None and sc.finish and not run.app_returned_early

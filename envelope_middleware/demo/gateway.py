@@ -38,6 +38,7 @@ from envelope_middleware import (
 )
 from envelope_middleware._http import is_json_media_type
 from envelope_middleware.demo.auth import CREDENTIALS, Credential, authorize
+from envelope_middleware.demo.openapi import EXCLUDED_PATHS, gateway_openapi
 from envelope_middleware.idempotency import IdempotencyStore
 from envelope_middleware.request_id import RequestIdFormat
 
@@ -271,6 +272,11 @@ def create_gateway(
         max_body_size=MAX_BODY_BYTES,
     )
 
+    document = gateway_openapi(CATALOGUE, request_id_format)
+
+    async def openapi(_request: Request) -> Response:
+        return JSONResponse(document)
+
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -287,13 +293,14 @@ def create_gateway(
                 middleware=[idempotent] if idempotent_writes else None,
             ),
             Route("/health", health),
+            Route("/openapi.json", openapi),
         ],
         middleware=[
             Middleware(
                 EnvelopeMiddleware,
                 request_id_format=request_id_format,
                 catalogue=CATALOGUE,
-                exclude_paths=["/health"],
+                exclude_paths=EXCLUDED_PATHS,
                 validate_json=validate_json,
                 access_log=access_log,
             )

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
-from structlog.typing import FilteringBoundLogger
 
 from envelope_middleware._http import TOKEN
 from envelope_middleware.exceptions import (
@@ -23,6 +22,7 @@ from envelope_middleware.exceptions import (
 from envelope_middleware.idempotency import _record, _run
 from envelope_middleware.idempotency._run import FirstRun
 from envelope_middleware.idempotency.store import Held, IdempotencyStore, MemoryStore, StoreUnavailable
+from envelope_middleware.logging import EventLogger
 
 __all__ = ["IdempotencyMiddleware", "Principal"]
 
@@ -77,7 +77,7 @@ class IdempotencyMiddleware:
         lease: float = 30.0,
         max_body_size: int = 1024 * 1024,
         max_response_size: int = 1024 * 1024,
-        logger: FilteringBoundLogger | None = None,
+        logger: EventLogger | None = None,
     ) -> None:
         if not callable(principal):
             raise TypeError("principal is a callable from the request's scope to the caller's id")
