@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.middleware import Middleware
 
 from envelope_middleware._validation import VALIDATION_MESSAGE, validation_error_details
 from envelope_middleware.exceptions import RequestInvalid
@@ -36,10 +37,20 @@ def install_fastapi_handlers(app: FastAPI) -> None:
     """Make `app` answer request validation errors the contract's way.
 
     Also installs `install_exception_handlers`, so that a FastAPI app mounted
-    as a sub-app keeps the codes of its exceptions.
+    as a sub-app keeps the codes of its exceptions, and moves the app's request
+    body limit (`FastAPI(max_body_size=...)`) inside the envelope.
     """
     install_exception_handlers(app)
     app.add_exception_handler(RequestValidationError, _request_validation_handler)
+    limit = getattr(app, "max_body_size", None)
+    if limit is not None:
+        # FastAPI puts its limit outside every add_middleware layer: a body declared
+        # too large got a plain 413 with no request id (issue #12). The same limit,
+        # innermost, answers through the envelope; the outer one is turned off.
+        from starlette.middleware.body_limit import RequestBodyLimitMiddleware  # noqa: PLC0415 - Starlette 1.x
+
+        app.max_body_size = None
+        app.user_middleware.append(Middleware(RequestBodyLimitMiddleware, max_body_size=limit))
 
 
 def install_fastapi_openapi(app: FastAPI, **options: Any) -> None:

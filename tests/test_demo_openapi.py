@@ -9,7 +9,10 @@ body's `request_id` is the header's. Seeded and bounded for CI.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -99,3 +102,49 @@ def test_demo_openapi_is_served_outside_the_envelope_and_valid(gateway_url: str)
     assert {"409", "422", "4XX", "5XX"} <= set(patch["responses"])
     brands = document["paths"]["/brands"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert brands["properties"]["data"]["type"] == "array"  # the legacy outer array, kept
+
+
+@pytest.mark.server
+def test_demo_openapi_docs_page_lists_the_operations_with_no_network(
+    gateway_url: str, tmp_path: Path
+) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail(
+            "chromium is needed: apt-get install chromium (scripts/test installs it when run as root)"
+        )
+    page = httpx2.get(f"{gateway_url}/docs")
+    assert page.status_code == 200
+    assert "x-request-id" in page.headers  # outside the envelope, not outside the contract's header
+    assert "https://" not in page.text  # nothing from a CDN: the assets come from the package
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+    ]
+    # The screenshot is kept with the test's temporary files, for a person to look at.
+    shot = tmp_path / "docs.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1280,2000", f"{gateway_url}/docs"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.stat().st_size > 10_000
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", f"{gateway_url}/docs"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for path in ("/orders", "/orders/{order_id}", "/branches", "/brands", "/items/{item_id}/availability"):
+        assert f'data-path="{path}"' in dom, path
+    assert "Partner API (reference gateway)" in dom

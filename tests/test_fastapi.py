@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Any
 from unittest.mock import ANY
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
@@ -154,3 +155,32 @@ def test_fastapi_without_the_handlers_still_gives_a_contract_error() -> None:
         {"field": "page", "location": "query", "message": ANY, "type": "greater_than_equal"}
     ]
     assert "input" not in response.text
+
+
+def test_fastapi_handlers_keep_the_body_limit_inside_the_envelope(logs: Any) -> None:
+    # FastAPI(max_body_size=...) sits outside every add_middleware layer: a body
+    # declared too large got a plain-text 413 with no request id (issue #12).
+    app = FastAPI(max_body_size=10)
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    app.add_middleware(EnvelopeMiddleware)
+    install_fastapi_handlers(app)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 6
+        yield b"x" * 6
+
+    with TestClient(app) as client:
+        declared = client.post("/upload", content=b"x" * 100)
+        streamed = client.post("/upload", content=chunks())
+        small = client.post("/upload", content=b"x" * 10)
+    for answer in (declared, streamed):
+        assert answer.status_code == 413
+        document = answer.json()
+        assert document["request_id"] == answer.headers["x-request-id"]
+        assert document["error"]["code"] == "request_invalid"
+    assert small.json()["data"] == {"size": 10}
+    assert "exception_after_response_started" not in [entry["event"] for entry in logs.entries]

@@ -15,11 +15,13 @@ from typing import Any
 import httpx2
 import orjson
 import structlog
+import swagger_ui_bundle
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Scope
 
 from envelope_middleware import (
@@ -61,6 +63,20 @@ CATALOGUE = DEFAULT_CATALOGUE.extend(
     ]
 )
 _ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+_DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Partner API (reference gateway)</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body>
+</html>
+"""
 _ITEM_ID_DIGITS = 12  # the brands service's ids are far shorter; longer is no id of theirs
 _AUTHORIZED = "envelope_middleware.demo.credential"  # a write's credential, checked once
 
@@ -277,6 +293,9 @@ def create_gateway(
     async def openapi(_request: Request) -> Response:
         return JSONResponse(document)
 
+    async def docs(_request: Request) -> Response:
+        return HTMLResponse(_DOCS_PAGE)
+
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -294,6 +313,9 @@ def create_gateway(
             ),
             Route("/health", health),
             Route("/openapi.json", openapi),
+            Route("/docs", docs),
+            # Swagger UI's assets from an installed package: the page works with no network.
+            Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs"),
         ],
         middleware=[
             Middleware(

@@ -14,8 +14,8 @@ from envelope_middleware.request_id import RequestIdFormat
 
 __all__ = ["EXCLUDED_PATHS", "gateway_openapi"]
 
-# Outside the envelope: the health check, and the document and its page.
-EXCLUDED_PATHS = ("/health", "/openapi.json", "/docs")
+# Outside the envelope: the health check, the document, and its page with the page's assets.
+EXCLUDED_PATHS = ("/health", "/openapi.json", "/docs/")
 
 _ID = {"type": "integer", "minimum": 1, "maximum": 1_000_000_000}
 _ORDER = {
@@ -147,7 +147,8 @@ def _bare_document() -> dict[str, Any]:
         "description": "One per logical write: the same key and body within 24 hours replay the first.",
     }
     return {
-        "openapi": "3.1.0",
+        # 3.0: the Swagger UI that /docs serves from an installed package (4.x) reads 3.0 only.
+        "openapi": "3.0.3",
         "info": {
             "title": "Partner API (reference gateway)",
             "version": "1.0.0",
