@@ -63,6 +63,8 @@ def envelope_openapi(
         "description": "This exchange's id, also in the response's request-id header: quote it to support.",
     }
     schemas["ErrorEnvelope"] = _error_envelope([*catalogue, *sorted(extra)])
+    if validation_errors:
+        schemas["ValidationErrorEnvelope"] = _validation_envelope(catalogue)
     # A service's code is kept within its status's class (docs/limits.md), so a
     # status's possible codes are its class's, and the allowed codes.
     for kind in ("4", "5"):
@@ -101,8 +103,10 @@ def _envelope_operation(
     validation_errors: bool,
 ) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
-    if validation_errors and "422" in responses:
-        # FastAPI's own 422: the handlers answer it as 400 request_invalid.
+    validation = validation_errors and "422" in responses
+    if validation:
+        # FastAPI's own 422: the handlers answer it as 400 request_invalid, with the
+        # invalid fields in details.errors (envelope_middleware.fastapi).
         del responses["422"]
         responses.setdefault("400", {"description": "The request did not validate."})
     for code in codes:
@@ -122,8 +126,8 @@ def _envelope_operation(
         if kind == "2":
             _wrap_content(response)
         elif kind in "45":
-            schema = {"$ref": f"{_SCHEMAS}ErrorEnvelope{kind}XX"}
-            response["content"] = {"application/json": {"schema": schema}}
+            name = "ValidationErrorEnvelope" if validation and status == "400" else f"ErrorEnvelope{kind}XX"
+            response["content"] = {"application/json": {"schema": {"$ref": _SCHEMAS + name}}}
             if status in ("429", "503"):
                 response["headers"]["Retry-After"] = _RETRY_AFTER
             if status == "401":
@@ -156,6 +160,32 @@ def _wrap_content(response: dict[str, Any]) -> None:
             "additionalProperties": False,
             "properties": {"request_id": {"$ref": _SCHEMAS + "RequestId"}, "data": data},
         }
+
+
+def _validation_envelope(catalogue: Catalogue) -> dict[str, Any]:
+    """A FastAPI 400: request_invalid with the fields the handlers list (`validation_error_details`),
+    or any other 400 code of the catalogue, whose details are its own."""
+    envelope = _error_envelope(code for code, spec in catalogue.items() if spec.status == 400)
+    field = {
+        "type": "object",
+        "required": ["field", "location", "message", "type"],
+        "properties": {
+            # A string, or null (a body that is not JSON has no field): untyped, so that
+            # one schema reads the same in OpenAPI 3.0 and 3.1.
+            "field": {"description": "The field's dotted path, or null."},
+            "location": {"description": "body, query, path, header or cookie; or null."},
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+        },
+    }
+    envelope["properties"]["error"]["properties"]["details"] = {
+        "type": "object",
+        "properties": {
+            "errors": {"type": "array", "items": field},
+            "omitted_errors": {"type": "integer", "minimum": 1},
+        },
+    }
+    return envelope
 
 
 def _error_envelope(codes: Iterable[str]) -> dict[str, Any]:

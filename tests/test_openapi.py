@@ -129,7 +129,22 @@ def test_openapi_fastapi_validation_error_becomes_400_request_invalid_with_the_h
     document = envelope_openapi(original, validation_errors=True)
     responses = document["paths"]["/orders/{order_id}"]["get"]["responses"]
     assert "422" not in responses
-    assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorEnvelope4XX")
+    schema = responses["400"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ValidationErrorEnvelope"}
+    answer: dict[str, Any] = {
+        "request_id": "0" * 32,
+        "error": {
+            "code": "request_invalid",
+            "message": "The request did not validate.",
+            "details": {
+                "errors": [{"field": None, "location": "body", "message": "bad", "type": "json_invalid"}]
+            },
+        },
+    }
+    jsonschema.validate(answer, schema_of(document, schema))
+    answer["error"]["details"] = {"errors": [{"field": "page"}]}  # not the handlers' shape
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(answer, schema_of(document, schema))
     kept = envelope_openapi(original)
     assert "422" in kept["paths"]["/orders/{order_id}"]["get"]["responses"]
 

@@ -236,7 +236,16 @@ def _bare_document() -> dict[str, Any]:
 # Beyond 4XX and 5XX, the statuses each route answers, by the codes that give them.
 _OPERATION_CODES = {
     "list_orders": ["request_invalid", "auth_missing", "auth_forbidden", "request_invalid_range"],
-    "get_order": ["auth_missing", "auth_forbidden", "resource_not_found", "downstream_timeout"],
+    # The demo's deliberately failing records answer these: ord_crash 500,
+    # ord_garbled 502, ord_slow 504.
+    "get_order": [
+        "auth_missing",
+        "auth_forbidden",
+        "resource_not_found",
+        "internal",
+        "downstream_invalid_response",
+        "downstream_timeout",
+    ],
     "list_branches": ["request_invalid", "auth_missing", "auth_forbidden"],
     "list_brands": ["request_invalid", "auth_missing", "auth_forbidden"],
     "set_item_availability": [
