@@ -76,6 +76,10 @@ def envelope_openapi(
     shared_responses = dict(result["components"].get("responses", {}))
     id_header = {"description": "This exchange's request id.", "schema": {"$ref": _SCHEMAS + "RequestId"}}
     codes_for = {key: list(codes) for key, codes in (operation_codes or {}).items()}
+    unknown = sorted({code for codes in codes_for.values() for code in codes} - set(catalogue))
+    if unknown:
+        # A code's status comes from the catalogue: one it lacks has no response to declare.
+        raise ValueError(f"operation_codes names codes the catalogue lacks: {unknown}")
     for path, item in result.get("paths", {}).items():
         if excluded.exact and excluded.matches({"path": path}):
             continue

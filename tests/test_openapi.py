@@ -272,3 +272,8 @@ def test_openapi_one_call_makes_a_fastapi_app_publish_the_enveloped_document() -
     assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["request_id", "data"]
     assert page.status_code == 200
     assert "swagger" in page.text.lower()
+
+
+def test_openapi_refuses_operation_codes_the_catalogue_lacks() -> None:
+    with pytest.raises(ValueError, match="resource_unmapped"):
+        envelope_openapi(orders_app().openapi(), operation_codes={"get_order": ["resource_unmapped"]})
