@@ -121,31 +121,10 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
             str(workers),
         ]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            f"apps:{FACTORY.get(stack, stack)}",
-            "--factory",
-            "--app-dir",
-            str(HERE),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http",
-            "httptools",
-            "--loop",
-            "uvloop",
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            # Said, not detected: the compiled layer is no coroutine function.
-            "--interface",
-            "asgi3",
-        ]
+        # The interface is said, not detected: the compiled layer is no coroutine function.
+        command = uvicorn_command(
+            f"apps:{FACTORY.get(stack, stack)}", port, "--workers", str(workers), "--interface", "asgi3"
+        )
     process = subprocess.Popen(
         pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root
     )
@@ -162,6 +141,31 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
             time.sleep(0.1)
         else:
             return process
+
+
+def uvicorn_command(factory: str, port: int, *options: str) -> list[str]:
+    """uvicorn serving `factory` from benchmarks/ on loopback, as every load run serves an app."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        factory,
+        "--factory",
+        "--app-dir",
+        str(HERE),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--http",
+        "httptools",
+        "--loop",
+        "uvloop",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        *options,
+    ]
 
 
 def target_url(stack: str, size: str, port: int) -> str:

@@ -37,7 +37,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,7 +47,7 @@ from typing import Any
 import httpx2
 import redis
 from inprocess import code_version, quiet_structlog
-from load import free_port, parse_wrk, pinned, stop_server
+from load import free_port, parse_wrk, pinned, stop_server, uvicorn_command
 from starlette.types import ASGIApp, Message
 
 from envelope_middleware import MemoryStore
@@ -242,28 +241,7 @@ def serve(stack: str, redis_url: str, brands_url: str | None, port: int) -> subp
 
 
 def serve_app(factory: str, port: int, env: dict[str, str], *, health: str) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        factory,
-        "--factory",
-        "--app-dir",
-        str(HERE),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--http",
-        "httptools",
-        "--loop",
-        "uvloop",
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        "--lifespan",
-        "on",
-    ]
+    command = uvicorn_command(factory, port, "--lifespan", "on")
     process = subprocess.Popen(
         pinned(command, 0), env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
