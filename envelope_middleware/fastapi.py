@@ -44,6 +44,10 @@ def install_fastapi_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation_handler)
     limit = getattr(app, "max_body_size", None)
     if limit is not None:
+        if app.middleware_stack is not None:
+            raise RuntimeError(
+                "install_fastapi_handlers must be called before the app serves its first request"
+            )
         # FastAPI puts its limit outside every add_middleware layer: a body declared
         # too large got a plain 413 with no request id (issue #12). The same limit,
         # innermost, answers through the envelope; the outer one is turned off.
@@ -61,16 +65,16 @@ def install_fastapi_openapi(app: FastAPI, **options: Any) -> None:
     `install_fastapi_handlers`, which knows none of them. Exclude the document's
     own paths (`/openapi.json`, `/docs`) from the envelope, as every docs page.
     """
-    bare = app.openapi
-    options.setdefault(
-        "validation_errors", app.exception_handlers.get(RequestValidationError) is _request_validation_handler
-    )
-
     cache: list[dict[str, Any]] = []  # built once, on first use, as FastAPI builds its own
 
     def openapi() -> dict[str, Any]:
         if not cache:
-            cache.append(envelope_openapi(bare(), **options))
+            # FastAPI's own method, not whatever app.openapi is now: a second call of
+            # this function must not envelope the document twice. Whether the
+            # handlers are installed is read here, when the document is built.
+            handled = app.exception_handlers.get(RequestValidationError) is _request_validation_handler
+            options.setdefault("validation_errors", handled)
+            cache.append(envelope_openapi(FastAPI.openapi(app), **options))
         return cache[0]
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to change the document

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from envelope_middleware._http import is_json_media_type
 from envelope_middleware._paths import ExcludedPaths
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
 from envelope_middleware.request_id import RequestIdFormat
@@ -40,6 +41,7 @@ def envelope_openapi(
     allowed_codes: Iterable[str] = (),
     request_id_header: str = "X-Request-ID",
     request_id_format: RequestIdFormat = "hex",
+    trust_request_id: bool = False,
     exclude_paths: Iterable[str] = (),
     operation_codes: Mapping[str, Iterable[str]] | None = None,
     validation_errors: bool = False,
@@ -56,7 +58,9 @@ def envelope_openapi(
     result: dict[str, Any] = copy.deepcopy(dict(document))
     extra = set(allowed_codes)
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
-    pattern = _ID_PATTERNS.get(request_id_format, _ANY_ID) if isinstance(request_id_format, str) else _ANY_ID
+    # A trusted incoming id, or a custom generator's, is any id the middleware lets through.
+    known = isinstance(request_id_format, str) and not trust_request_id
+    pattern = _ID_PATTERNS.get(str(request_id_format), _ANY_ID) if known else _ANY_ID
     schemas["RequestId"] = {
         "type": "string",
         "pattern": pattern,
@@ -64,7 +68,7 @@ def envelope_openapi(
     }
     schemas["ErrorEnvelope"] = _error_envelope([*catalogue, *sorted(extra)])
     if validation_errors:
-        schemas["ValidationErrorEnvelope"] = _validation_envelope(catalogue)
+        schemas["ValidationErrorEnvelope"] = _validation_envelope()
     # A service's code is kept within its status's class (docs/limits.md), so a
     # status's possible codes are its class's, and the allowed codes.
     for kind in ("4", "5"):
@@ -107,7 +111,7 @@ def _envelope_operation(
     validation_errors: bool,
 ) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
-    validation = validation_errors and "422" in responses
+    validation = validation_errors and _is_fastapi_validation(responses.get("422"))
     if validation:
         # FastAPI's own 422: the handlers answer it as 400 request_invalid, with the
         # invalid fields in details.errors (envelope_middleware.fastapi).
@@ -120,22 +124,31 @@ def _envelope_operation(
     # a method's 405, an exception's 500, a malformed backend document's 502.
     responses.setdefault("4XX", {"description": "A client error."})
     responses.setdefault("5XX", {"description": "A server error; retry with backoff where retryable."})
-    for status, found in list(responses.items()):
+    for key, found in list(responses.items()):
         response = _resolved(found, shared)
         if response is None:
             continue
-        responses[status] = response
+        responses[key] = response
         response.setdefault("headers", {}).update(headers)
+        status = str(key)  # a document loaded from YAML may have int keys
         kind = status[0]
-        if kind == "2":
+        if kind == "2" and status != "206":  # a 206 passes the middleware untouched
             _wrap_content(response)
         elif kind in "45":
-            name = "ValidationErrorEnvelope" if validation and status == "400" else f"ErrorEnvelope{kind}XX"
-            response["content"] = {"application/json": {"schema": {"$ref": _SCHEMAS + name}}}
+            schema: dict[str, Any] = {"$ref": f"{_SCHEMAS}ErrorEnvelope{kind}XX"}
+            if validation and status == "400":
+                # The handlers' validation answer, or any other 400 the app gives.
+                schema = {"anyOf": [{"$ref": _SCHEMAS + "ValidationErrorEnvelope"}, schema]}
+            response["content"] = {"application/json": {"schema": schema}}
             if status in ("429", "503"):
                 response["headers"]["Retry-After"] = _RETRY_AFTER
             if status == "401":
                 response["headers"]["WWW-Authenticate"] = _WWW_AUTHENTICATE
+
+
+def _is_fastapi_validation(response: object) -> bool:
+    """Whether a 422 is FastAPI's request validation answer, not a route's own 422."""
+    return isinstance(response, dict) and "HTTPValidationError" in str(response.get("content", ""))
 
 
 def _resolved(response: object, shared: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -152,8 +165,8 @@ def _resolved(response: object, shared: Mapping[str, Any]) -> dict[str, Any] | N
 
 def _wrap_content(response: dict[str, Any]) -> None:
     for media_type, content in (response.get("content") or {}).items():
-        base = media_type.split(";", 1)[0].strip().lower()
-        if not (base == "application/json" or base.endswith("+json")) or not isinstance(content, dict):
+        # The middleware's own reading of a JSON media type, so the two agree.
+        if not is_json_media_type(media_type.encode("latin-1")) or not isinstance(content, dict):
             continue
         data = content.get("schema", {})
         content.pop("example", None)
@@ -166,10 +179,10 @@ def _wrap_content(response: dict[str, Any]) -> None:
         }
 
 
-def _validation_envelope(catalogue: Catalogue) -> dict[str, Any]:
-    """A FastAPI 400: request_invalid with the fields the handlers list (`validation_error_details`),
-    or any other 400 code of the catalogue, whose details are its own."""
-    envelope = _error_envelope(code for code, spec in catalogue.items() if spec.status == 400)
+def _validation_envelope() -> dict[str, Any]:
+    """The handlers' answer to FastAPI's validation error: request_invalid with the fields
+    they list (`validation_error_details`)."""
+    envelope = _error_envelope(["request_invalid"])
     field = {
         "type": "object",
         "required": ["field", "location", "message", "type"],

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 from unittest.mock import ANY
 
+import pytest
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
@@ -184,3 +185,11 @@ def test_fastapi_handlers_keep_the_body_limit_inside_the_envelope(logs: Any) -> 
         assert document["error"]["code"] == "request_invalid"
     assert small.json()["data"] == {"size": 10}
     assert "exception_after_response_started" not in [entry["event"] for entry in logs.entries]
+
+
+def test_fastapi_handlers_refuse_to_move_the_body_limit_once_the_app_serves() -> None:
+    app = FastAPI(max_body_size=10)
+    with TestClient(app) as client:
+        client.get("/nowhere")  # the middleware stack is built
+        with pytest.raises(RuntimeError, match="before the app serves"):
+            install_fastapi_handlers(app)

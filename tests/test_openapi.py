@@ -130,7 +130,12 @@ def test_openapi_fastapi_validation_error_becomes_400_request_invalid_with_the_h
     responses = document["paths"]["/orders/{order_id}"]["get"]["responses"]
     assert "422" not in responses
     schema = responses["400"]["content"]["application/json"]["schema"]
-    assert schema == {"$ref": "#/components/schemas/ValidationErrorEnvelope"}
+    assert schema == {
+        "anyOf": [
+            {"$ref": "#/components/schemas/ValidationErrorEnvelope"},
+            {"$ref": "#/components/schemas/ErrorEnvelope4XX"},
+        ]
+    }
     answer: dict[str, Any] = {
         "request_id": "0" * 32,
         "error": {
@@ -142,7 +147,13 @@ def test_openapi_fastapi_validation_error_becomes_400_request_invalid_with_the_h
         },
     }
     jsonschema.validate(answer, schema_of(document, schema))
-    answer["error"]["details"] = {"errors": [{"field": "page"}]}  # not the handlers' shape
+    # Any other 400 the app gives is declared too: its own details, or another code.
+    answer["error"]["details"] = {"errors": [{"field": "page"}]}
+    jsonschema.validate(answer, schema_of(document, schema))
+    validation_only = {"$ref": "#/components/schemas/ValidationErrorEnvelope"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(answer, schema_of(document, validation_only))
+    answer["error"]["code"] = "internal"  # a server error's code is no 400's
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(answer, schema_of(document, schema))
     kept = envelope_openapi(original)
@@ -277,3 +288,61 @@ def test_openapi_one_call_makes_a_fastapi_app_publish_the_enveloped_document() -
 def test_openapi_refuses_operation_codes_the_catalogue_lacks() -> None:
     with pytest.raises(ValueError, match="resource_unmapped"):
         envelope_openapi(orders_app().openapi(), operation_codes={"get_order": ["resource_unmapped"]})
+
+
+def test_openapi_keeps_a_routes_own_422_and_reads_int_status_keys() -> None:
+    document: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "t", "version": "1"},
+        "paths": {
+            "/orders/{id}/cancel": {
+                "post": {
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        200: {
+                            "description": "Cancelled.",
+                            "content": {"text/json": {"schema": {"type": "object"}}},
+                        },
+                        206: {
+                            "description": "Part.",
+                            "content": {"application/json": {"schema": {"type": "string"}}},
+                        },
+                        "422": {"description": "The order cannot be cancelled any more."},
+                    },
+                }
+            }
+        },
+    }
+    result = envelope_openapi(document, validation_errors=True)
+    responses = result["paths"]["/orders/{id}/cancel"]["post"]["responses"]
+    assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorEnvelope4XX")
+    assert "400" not in responses  # no validation answer was declared, so none is replaced
+    # text/json is JSON to the middleware, which wraps it; a 206 passes untouched.
+    assert responses[200]["content"]["text/json"]["schema"]["required"] == ["request_id", "data"]
+    assert responses[206]["content"]["application/json"]["schema"] == {"type": "string"}
+
+
+def test_openapi_a_trusted_request_id_is_any_id_the_middleware_lets_through() -> None:
+    schema = envelope_openapi(orders_app().openapi(), trust_request_id=True)["components"]["schemas"][
+        "RequestId"
+    ]
+    jsonschema.validate("trace-abc.123", schema)
+
+
+def test_openapi_installing_twice_envelopes_once_and_reads_the_handlers_when_built() -> None:
+    app = FastAPI()
+
+    @app.get("/order", operation_id="order")
+    async def order(page: int = 1) -> Order:
+        return Order(id="o", total=page)
+
+    install_fastapi_openapi(app)
+    install_fastapi_openapi(app)
+    install_fastapi_handlers(app)  # after: still seen, since the document is built on first use
+    ok = app.openapi()["paths"]["/order"]["get"]["responses"]
+    assert ok["200"]["content"]["application/json"]["schema"]["properties"]["data"] == {
+        "$ref": "#/components/schemas/Order"
+    }
+    assert "422" not in ok
