@@ -26,8 +26,9 @@ class FirstRun:
     status: object = None
     headers: list[tuple[bytes, bytes]]
     keep_body = True  # false once the body outgrew the limit, or came as a file or trailers
-    ended = False  # the app sent its answer's last message
-    answer: Record | None = None  # the whole answer, once kept, to record (again, if cut off)
+    # What to record: the whole answer once kept (again, if its recording was cut
+    # off), or an ApiError raised before any answer.
+    answer: Record | None = None
     size = 0
     settled = False
 
@@ -60,17 +61,14 @@ class FirstRun:
         try:
             await self.middleware.app(self.scope, replay_receive, recording_send)
         except Exception as exc:
-            if not self.settled:
-                answer = self.answer or (
-                    _record.error_record(exc, self.request_id) if self.status is None else self._marker()
-                )
-                await self._settle(answer, shield=True)
+            if self.status is None and self.answer is None:
+                self.answer = _record.error_record(exc, self.request_id)
             raise
         finally:
             if not self.settled:
                 # No whole answer kept (a file, trailers, a body past the limit, a
-                # stream cut short, a client that left, a cancellation): the key
-                # stays used if the app had answered, and is freed if it had not.
+                # stream cut short, a client that left, an exception, a cancellation):
+                # the key stays used if the app had answered, and is freed if it had not.
                 await self._settle(self.answer or self._marker(), shield=True)
 
     def _observe(self, message: Message) -> bool:
@@ -89,7 +87,7 @@ class FirstRun:
                 self.keep_body = False
             return False
         if kind == "http.response.body" and self.status is not None:
-            self.ended = not message.get("more_body", False)
+            last = not message.get("more_body", False)
             if self.keep_body:
                 chunk = message.get("body", b"")
                 self.size += len(chunk)
@@ -98,10 +96,10 @@ class FirstRun:
                     self.chunks.clear()
                 elif chunk:
                     self.chunks.append(bytes(chunk))
-            return self.ended and self.keep_body
-        # A file (pathsend, zerocopysend) or trailers: not kept, but it may end the answer.
+            return last and self.keep_body
+        # A file (pathsend, zerocopysend) or trailers: not kept; the key stays used
+        # without a body once the app returns (_marker).
         self.keep_body = False
-        self.ended = self.ended or kind == "http.response.pathsend" or not message.get("more_body", True)
         return False
 
     def _response(self) -> Record | None:
