@@ -12,15 +12,18 @@ counts rather than guessed:
     splice      + the start held, the body spliced into the envelope, headers rebuilt
     context     + structlog's three ContextVars (request_id, method, path)
     checked     + the header scan and the msgspec JSON check
+    checked + log line   + one access line: orjson.dumps of the access event's
+                fields, written to a buffered file (issue #11's floor for the access log)
     compiled    what `checked` does, written in C (cfloor.c)
     compiled, no context   the same without structlog's three ContextVars
 
 against asgi-correlation-id and EnvelopeMiddleware (validating, context, no
 access log), the latter also with its hot-path modules compiled by mypyc
-into a temporary copy of the package. The compiled layer is a measuring
-prototype that serves this one response shape; it shows what the goal asks
-of compiled code, and is built with the system C compiler when this script
-starts. Each stack wraps a raw
+into a temporary copy of the package, and with its access log under
+`configure_logging()` (the recommended set-up) writing to /dev/null. The
+compiled layer is a measuring prototype that serves this one response shape;
+it shows what the goal asks of compiled code, and is built with the system C
+compiler when this script starts. Each stack wraps a raw
 ASGI app sending a 200 B JSON body, and is run under `valgrind
 --tool=callgrind` for 0 and N requests with a fixed PYTHONHASHSEED: the
 difference divided by N is repeatable to a few hundred instructions, whatever
@@ -43,12 +46,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
 
 import msgspec
+import orjson
 from asgi_correlation_id import CorrelationIdMiddleware
 from inprocess import SCOPE, EmptyLayer, code_version, payload, quiet_structlog, receive
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -139,6 +144,7 @@ class ContextLayer(IdLayer):
             raise RuntimeError("structlog's ContextVars are not reachable")
         self.context_vars = found
         self.check = False
+        self.log = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = hex_request_id()
@@ -149,6 +155,7 @@ class ContextLayer(IdLayer):
         encoded = request_id.encode()
         held: Message = {}
         check = self.check
+        started = time.perf_counter_ns() if self.log else 0
 
         async def splice(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -168,6 +175,17 @@ class ContextLayer(IdLayer):
         try:
             await self.app(scope, receive, splice)
         finally:
+            if self.log:
+                event = {
+                    "event": "http_request",
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": held.get("status"),
+                    "duration_ms": (time.perf_counter_ns() - started) // 1000 / 1000,
+                    "timestamp": time.time(),
+                }
+                _LOG.write(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
             path_var.reset(tokens[2])
             method_var.reset(tokens[1])
             id_var.reset(tokens[0])
@@ -178,6 +196,17 @@ class CheckedLayer(ContextLayer):
     def __init__(self, app: ASGIApp) -> None:
         super().__init__(app)
         self.check = True
+
+
+_LOG = open(os.devnull, "wb")  # noqa: SIM115, PTH123 - buffered, open for the process
+
+
+class LoggedLayer(CheckedLayer):
+    """`checked`, then one JSON line per request: the least an access log can cost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app)
+        self.log = True
 
 
 def compiled_layer(app: ASGIApp, *, context: bool = True) -> ASGIApp:
@@ -245,10 +274,12 @@ STACKS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     "splice": SpliceLayer,
     "context": ContextLayer,
     "checked": CheckedLayer,
+    "checked + log line": LoggedLayer,
     "compiled": compiled_layer,
     "compiled, no context": lambda app: compiled_layer(app, context=False),
     "asgi-correlation-id": CorrelationIdMiddleware,
     "EnvelopeMiddleware": lambda app: EnvelopeMiddleware(app, access_log=False),
+    "EnvelopeMiddleware + access log": EnvelopeMiddleware,
     # The same; its process imports the package from $MYPYC_DIR (see `instructions`).
     MYPYC_STACK: lambda app: EnvelopeMiddleware(app, access_log=False),
 }

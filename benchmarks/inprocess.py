@@ -33,7 +33,6 @@ from typing import Any
 
 import msgspec
 import orjson
-import structlog
 from asgi_correlation_id import CorrelationIdMiddleware
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -43,7 +42,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from envelope_middleware import EnvelopeMiddleware, hex_request_id
+from envelope_middleware import EnvelopeMiddleware, configure_logging, hex_request_id
 
 SIZES = {"200B": 200, "100KB": 100_000, "1MB": 1_000_000}
 
@@ -149,19 +148,10 @@ class NaiveBaseHTTPEnvelope(BaseHTTPMiddleware):
 
 
 def quiet_structlog() -> None:
-    """structlog as a production service sets it up: JSON lines, cached loggers, to /dev/null."""
-    sink = open(os.devnull, "w")  # noqa: SIM115, PTH123 - kept open for the process's logging
+    """Logging as the README recommends for production (`configure_logging()`), to /dev/null."""
+    sink = open(os.devnull, "wb")  # noqa: SIM115, PTH123 - kept open for the process's logging
     atexit.register(sink.close)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=sink),
-        cache_logger_on_first_use=True,
-    )
+    configure_logging(stream=sink)
 
 
 def stacks(body: bytes) -> dict[str, ASGIApp]:

@@ -20,7 +20,7 @@ from envelope_middleware.exceptions import (
     StateInvalidTransition,
 )
 from envelope_middleware.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryStore
-from envelope_middleware.logging import EventLogger, RequestIdFilter
+from envelope_middleware.logging import EventLogger, RequestIdFilter, configure_logging
 from envelope_middleware.middleware import EnvelopeMiddleware
 from envelope_middleware.openapi import envelope_openapi
 from envelope_middleware.propagation import (
@@ -64,6 +64,7 @@ __all__ = [
     "ServiceUnavailable",
     "StateInvalidTransition",
     "async_request_id_hook",
+    "configure_logging",
     "envelope_openapi",
     "get_request_id",
     "hex_request_id",

@@ -1,13 +1,30 @@
-"""Log correlation beyond structlog: the request id on stdlib `logging` records."""
+"""Logging for a gateway: a fast JSON-lines set-up, and the request id on stdlib records.
+
+`configure_logging()` is the recommended production set-up. Its events go
+through a structlog pipeline of four steps (context, level and time,
+exception, orjson) run by a bound logger that skips the generic dispatch
+(about 1.2 us of the 3 us an event may cost, issue #11), into a `LineWriter`
+flushed once per event-loop turn. Stdlib records (uvicorn's, a client
+library's) are rendered as the same JSON lines, with the request id.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO, Protocol
 
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from envelope_middleware._context import Merge, context_merger
+from envelope_middleware._lines import LineWriter
 from envelope_middleware.request_id import get_request_id
 
-__all__ = ["EventLogger", "RequestIdFilter"]
+__all__ = ["EventLogger", "RequestIdFilter", "configure_logging"]
 
 
 class EventLogger(Protocol):
@@ -37,3 +54,149 @@ class RequestIdFilter(logging.Filter):
         if getattr(record, "request_id", None) is None:
             record.request_id = get_request_id()
         return True
+
+
+def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger for JSON lines, each with the request id.
+
+    Every line is one JSON object: the event's fields, the request's bound
+    context (`request_id`, `method`, `path` and whatever the app binds),
+    `level`, and `timestamp` (Unix time, seconds). Exceptions are rendered as
+    text under `exception`. Lines go to `stream` (default: standard output)
+    and are flushed once per event-loop turn, not line by line: a process
+    killed mid-turn loses that turn's lines. Values JSON cannot hold are
+    written as their `str()`.
+
+    uvicorn's error log (`uvicorn`, `uvicorn.error`) is taken over from the
+    configuration uvicorn gave it, when that came first (`uvicorn app:app`
+    configures logging before it imports the app). Run uvicorn with its access
+    log off (`--no-access-log`): the middleware's `http_request` event is the
+    access log.
+    """
+    min_level = structlog.processors.NAME_TO_LEVEL[level.lower()] if isinstance(level, str) else level
+    lines = LineWriter(stream if stream is not None else sys.stdout.buffer)
+    merge = context_merger()
+    chain: list[Processor] = [merge, _stamp, _render]
+    structlog.configure(
+        processors=chain,
+        wrapper_class=_bound_logger_class(min_level, chain, merge),
+        logger_factory=_LineLoggerFactory(lines),
+        cache_logger_on_first_use=True,
+    )
+    handler = _LineHandler(lines)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            # The record's exc_info is put in the event after this chain.
+            foreign_pre_chain=[merge, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _stamp, _render_text],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(min_level)
+    for name in _TAKEN_OVER:
+        # uvicorn's own configuration gives these handlers of their own and
+        # stops them at themselves: their lines would be neither JSON nor carry ids.
+        taken = logging.getLogger(name)
+        taken.handlers.clear()
+        taken.propagate = True
+
+
+_TAKEN_OVER = ("uvicorn", "uvicorn.error")
+# structlog's method names as the level each line states (structlog's add_log_level does the same).
+_LEVEL_NAMES = {"exception": "error", "warn": "warning", "msg": "info", "fatal": "critical"}
+_format_exc_info = structlog.processors.format_exc_info
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _stamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Level, time, and the exception as text: one step, not three, since it runs on every event."""
+    event_dict["level"] = _LEVEL_NAMES.get(method_name, method_name)
+    # Unix time, as structlog's TimeStamper writes by default: an RFC 3339
+    # string would cost 0.3 us more per line, a tenth of the access event's budget.
+    event_dict["timestamp"] = time.time()
+    if "exc_info" in event_dict:
+        return _format_exc_info(logger, method_name, event_dict)
+    return event_dict
+
+
+def _render(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> bytes:
+    return orjson.dumps(event_dict, default=str, option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+
+
+def _render_text(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> str:
+    # A logging.Formatter returns text; the handler adds the newline.
+    return orjson.dumps(event_dict, default=str, option=_JSON_OPTIONS).decode()
+
+
+class _LineLogger:
+    """structlog's wrapped logger: every level method writes the rendered line as it is."""
+
+    __slots__ = _METHODS = (
+        "critical",
+        "debug",
+        "error",
+        "exception",
+        "fatal",
+        "info",
+        "log",
+        "msg",
+        "warn",
+        "warning",
+    )
+
+    def __init__(self, lines: LineWriter) -> None:
+        # The writer's method itself, not a method calling it: one call less per line.
+        for name in self._METHODS:
+            setattr(self, name, lines.write)
+
+
+class _LineLoggerFactory:
+    def __init__(self, lines: LineWriter) -> None:
+        self.logger = _LineLogger(lines)
+
+    def __call__(self, *_args: Any) -> _LineLogger:
+        return self.logger
+
+
+class _LineHandler(logging.Handler):
+    """A stdlib handler writing formatted records as lines of the same writer."""
+
+    def __init__(self, lines: LineWriter) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.write(self.format(record).encode() + b"\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _bound_logger_class(min_level: int, chain: Sequence[Processor], merge: Merge) -> type[Any]:
+    """structlog's filtering logger for `min_level`, with a short `info` for `chain`.
+
+    structlog's dispatch takes two calls, copies the context and checks what
+    the last processor returned, for any processors. `info` (the access
+    event's level, once per request) runs `chain`'s three steps, the last of
+    which returns the line, in one call. The other levels, and `info` with
+    any other processors (`capture_logs` in tests, a later `configure`), take
+    structlog's own path.
+    """
+    filtering: type[Any] = structlog.make_filtering_bound_logger(min_level)
+    if min_level > logging.INFO:
+        return filtering
+    generic_info: Callable[..., Any] = filtering.info
+    # Compared by value: capture_logs() swaps the processors inside the same list.
+    expected = list(chain)
+
+    def info(self: Any, event: str, *args: Any, **fields: Any) -> Any:
+        if args or self._processors != expected:
+            return generic_info(self, event, *args, **fields)
+        # The fields' dict is this call's own: no copy unless there is context to put first.
+        event_dict = {**self._context, **fields} if self._context else fields
+        event_dict["event"] = event
+        logger = self._logger
+        return logger.info(_render(logger, "info", _stamp(logger, "info", merge(logger, "info", event_dict))))
+
+    return type("JsonLinesBoundLogger", (filtering,), {"info": info, "msg": info})

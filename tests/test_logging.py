@@ -17,7 +17,7 @@ from structlog.testing import LogCapture
 from envelope_middleware import EnvelopeMiddleware, RequestIdFilter, ResourceNotFound, get_request_id
 from envelope_middleware import _context as context_module
 from envelope_middleware import middleware as middleware_module
-from envelope_middleware._context import structlog_context_vars
+from envelope_middleware._context import context_merger, structlog_context_vars
 from tests.conftest import JSON, body, call, make_scope, plain_structlog, scripted, start
 
 log = structlog.get_logger("app")
@@ -277,3 +277,22 @@ async def test_logging_context_is_reset_even_when_the_access_log_fails() -> None
         await call(mw)
     assert get_request_id() is None
     assert get_contextvars() == {}
+
+
+def test_logging_context_merger_is_structlogs_own_when_its_registry_is_out_of_reach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert context_merger() is not structlog.contextvars.merge_contextvars
+    public_only = types.SimpleNamespace(merge_contextvars=structlog.contextvars.merge_contextvars)
+    monkeypatch.setattr(context_module, "structlog_contextvars", public_only)
+    assert context_merger() is structlog.contextvars.merge_contextvars
+
+
+def test_logging_context_merger_reads_keys_first_bound_after_it_was_made() -> None:
+    merge = context_merger()
+    key = f"key_{random.getrandbits(64):x}"  # never bound before: new to structlog's registry
+    assert key not in merge(None, "info", {})
+    with structlog.contextvars.bound_contextvars(**{key: "late"}):
+        assert merge(None, "info", {})[key] == "late"
+        assert merge(None, "info", {key: "own"})[key] == "own"
+    assert key not in merge(None, "info", {})

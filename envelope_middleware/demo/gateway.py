@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.cookiejar
-import logging
 import re
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +35,7 @@ from envelope_middleware import (
     RequestInvalid,
     ResourceNotFound,
     async_request_id_hook,
+    configure_logging,
 )
 from envelope_middleware._http import is_json_media_type
 from envelope_middleware.demo.auth import CREDENTIALS, Credential, authorize
@@ -207,6 +206,7 @@ def create_gateway(
     idempotency_store: IdempotencyStore | None = None,
     idempotency_lease: float | None = None,
     idempotent_writes: bool = True,
+    envelope: bool = True,
 ) -> Starlette:
     """The partner gateway: each backend is an in-process ASGI app or a base URL.
 
@@ -215,6 +215,8 @@ def create_gateway(
     the larger of 10 s and four backend timeouts, so a write still waiting on
     its backend never loses its key. `idempotent_writes=False` mounts no
     idempotency at all (writes run each time): the baseline of its benchmark.
+    `envelope=False` mounts no `EnvelopeMiddleware` (answers and errors then
+    plain, nothing logged): the baseline of the gateway's load benchmark.
     """
     if backends is None:
         from envelope_middleware.demo.backends import create_backends  # noqa: PLC0415 - demo data on demand
@@ -326,7 +328,9 @@ def create_gateway(
                 validate_json=validate_json,
                 access_log=access_log,
             )
-        ],
+        ]
+        if envelope
+        else None,
         lifespan=_lifespan(backends, timeout, store),
     )
     # A trailing slash is an unknown route (404), not a redirect whose
@@ -371,37 +375,3 @@ def _lifespan(
 def _refusing_jar() -> http.cookiejar.CookieJar:
     # No domain is allowed, so no cookie is ever stored or sent.
     return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """JSON lines on stdout from structlog and the stdlib (uvicorn), each with the request id."""
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
-    )
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                # uvicorn logs exceptions with exc_info: rendered, not dumped as a tuple.
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(),
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)

@@ -1,0 +1,59 @@
+"""LineWriter: lines held until the event loop's turn ends, never lost between loops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from envelope_middleware._lines import LineWriter
+from tests.test_logging_setup import Stream
+
+
+def test_line_writer_flushes_lines_written_in_a_turn_when_the_turn_ends() -> None:
+    out = Stream()
+    writer = LineWriter(out)
+    seen: list[int] = []
+
+    async def main() -> None:
+        writer.write(b"a\n")
+        writer.write(b"b\n")
+        seen.append(out.flushes)
+        await asyncio.sleep(0)
+        seen.append(out.flushes)
+        writer.write(b"c\n")
+        await asyncio.sleep(0)
+        seen.append(out.flushes)
+
+    asyncio.run(main())
+    assert seen == [0, 1, 2]
+    assert out.getvalue() == b"a\nb\nc\n"
+
+
+def test_line_writer_still_flushes_after_a_loop_closed_with_its_flush_pending() -> None:
+    out = Stream()
+    writer = LineWriter(out)
+
+    async def write(line: bytes) -> None:
+        writer.write(line)
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(write(b"lost turn\n"))
+    loop.call_soon(loop.stop)  # stops after the turn that schedules the flush, before it runs
+    loop.run_forever()
+    loop.close()
+    assert task.done()
+    assert out.flushes == 0
+
+    asyncio.run(write(b"next loop\n"))
+    assert out.flushes == 1
+    assert out.getvalue() == b"lost turn\nnext loop\n"
+
+
+def test_line_writer_flushes_at_once_in_a_thread_without_a_loop() -> None:
+    out = Stream()
+    writer = LineWriter(out)
+    thread = threading.Thread(target=writer.write, args=(b"from a worker thread\n",))
+    thread.start()
+    thread.join()
+    assert out.flushes == 1
+    assert out.getvalue() == b"from a worker thread\n"

@@ -1,0 +1,212 @@
+"""configure_logging(): the recommended production set-up, read back as JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from structlog.contextvars import bound_contextvars
+
+from envelope_middleware import EnvelopeMiddleware, configure_logging
+from tests.conftest import plain_structlog
+
+
+def app_log() -> Any:
+    # A logger per use: with configure_logging's caching, a module-level proxy
+    # would keep writing to the first test's stream.
+    return structlog.get_logger("app")
+
+
+class Stream(io.BytesIO):
+    """A binary stream that counts its flushes."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+    def lines(self) -> list[dict[str, Any]]:
+        # TestClient's own client logs each request it makes: not the app's lines.
+        lines = [orjson.loads(line) for line in self.getvalue().splitlines()]
+        return [line for line in lines if line.get("logger") != "httpx2"]
+
+
+@contextlib.contextmanager
+def configured(level: int | str = logging.INFO) -> Iterator[Stream]:
+    """configure_logging() into a Stream; the loggers it changes restored after."""
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    out = Stream()
+    configure_logging(level, stream=out)
+    try:
+        yield out
+    finally:
+        for logger, (handlers, level_was, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers[:] = handlers
+            logger.setLevel(level_was)
+            logger.propagate = propagate
+        plain_structlog()
+
+
+@pytest.fixture
+def stream() -> Iterator[Stream]:
+    with configured() as out:
+        yield out
+
+
+async def orders(request: Request) -> Response:
+    app_log().info("orders_listed", count=2)
+    logging.getLogger("legacy.module").warning("from the stdlib")
+    return JSONResponse({"orders": [1, 2]})
+
+
+async def crash(request: Request) -> Response:
+    raise RuntimeError("db-7.internal refused")
+
+
+def gateway() -> EnvelopeMiddleware:
+    return EnvelopeMiddleware(Starlette(routes=[Route("/orders", orders), Route("/crash", crash)]))
+
+
+def test_configure_logging_writes_every_line_of_a_request_as_json_with_its_id(stream: Stream) -> None:
+    before = time.time()
+    with TestClient(gateway()) as client:
+        response = client.get("/orders")
+    request_id = response.headers["x-request-id"]
+    app_line, stdlib_line, access = stream.lines()
+    assert app_line == {
+        "event": "orders_listed",
+        "count": 2,
+        "request_id": request_id,
+        "method": "GET",
+        "path": "/orders",
+        "level": "info",
+        "timestamp": app_line["timestamp"],
+    }
+    assert stdlib_line["event"] == "from the stdlib"
+    assert stdlib_line["logger"] == "legacy.module"
+    assert stdlib_line["level"] == "warning"
+    assert stdlib_line["request_id"] == request_id
+    assert access["event"] == "http_request"
+    assert access["request_id"] == request_id
+    assert access["status"] == 200
+    assert access["bytes_sent"] == len(response.content)
+    assert access["error_code"] is None
+    assert isinstance(access["duration_ms"], float)
+    assert access["level"] == "info"
+    for line in (app_line, stdlib_line, access):
+        assert before <= line["timestamp"] <= time.time()
+
+
+def test_configure_logging_writes_the_traceback_to_the_log_and_not_to_the_partner(stream: Stream) -> None:
+    with TestClient(gateway(), raise_server_exceptions=False) as client:
+        response = client.get("/crash")
+    assert response.status_code == 500
+    assert b"db-7" not in response.content
+    # Starlette's error middleware answers the 500 and re-raises: the middleware logs it as it passes.
+    (failure,) = [line for line in stream.lines() if "exception" in line]
+    assert failure["request_id"] == response.headers["x-request-id"]
+    assert failure["level"] == "error"
+    assert "RuntimeError: db-7.internal refused" in failure["exception"]
+    assert "exc_info" not in failure
+
+
+def test_configure_logging_renders_a_stdlib_records_exception(stream: Stream) -> None:
+    try:
+        int("bad frame")
+    except ValueError:
+        logging.getLogger("uvicorn.error").exception("connection failed")
+    (line,) = stream.lines()
+    assert line["event"] == "connection failed"
+    assert line["logger"] == "uvicorn.error"
+    assert line["level"] == "error"
+    assert "ValueError: invalid literal for int()" in line["exception"]
+
+
+def test_configure_logging_keeps_bound_and_context_fields_with_the_events_own_first(stream: Stream) -> None:
+    with bound_contextvars(tenant="acme", status="from-context"):
+        app_log().bind(partner="p1").info("written", status="from-event")
+    (line,) = stream.lines()
+    assert line["tenant"] == "acme"
+    assert line["partner"] == "p1"
+    assert line["status"] == "from-event"
+
+
+def test_configure_logging_writes_values_json_cannot_hold_as_text(stream: Stream) -> None:
+    class Money:
+        def __str__(self) -> str:
+            return "12.50 EUR"
+
+    app_log().info("charged", amount=Money(), by_id={7: "seven"})
+    (line,) = stream.lines()
+    assert line["amount"] == "12.50 EUR"
+    assert line["by_id"] == {"7": "seven"}
+
+
+def test_configure_logging_interpolates_positional_arguments(stream: Stream) -> None:
+    app_log().info("%d orders for %s", 3, "acme")
+    app_log().warning("%s left", "partner")
+    assert [line["event"] for line in stream.lines()] == ["3 orders for acme", "partner left"]
+
+
+def test_configure_logging_drops_events_below_its_level() -> None:
+    with configured("WARNING") as out:
+        with TestClient(gateway()) as client:
+            client.get("/orders")
+        logging.getLogger("legacy.module").info("not written")
+    assert [line["event"] for line in out.lines()] == ["from the stdlib"]
+
+
+def test_configure_logging_takes_over_uvicorns_own_logging_configuration() -> None:
+    uvicorn.config.Config(app=gateway(), log_config=uvicorn.config.LOGGING_CONFIG)  # as `uvicorn app:app`
+    with configured() as out:
+        logging.getLogger("uvicorn.error").info("Started server process")
+    (line,) = out.lines()
+    assert line["event"] == "Started server process"
+    assert line["logger"] == "uvicorn.error"
+
+
+def test_configure_logging_keeps_lines_a_handler_fails_to_write_from_raising(
+    stream: Stream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream.close()  # a closed stream: writing raises ValueError
+    logging.getLogger("legacy.module").warning("lost")
+    assert "--- Logging error ---" in capsys.readouterr().err  # logging's own report, not an exception
+
+
+def test_configure_logging_leaves_structlogs_capture_logs_working(stream: Stream) -> None:
+    with structlog.testing.capture_logs() as captured:
+        app_log().info("captured", n=1)
+    assert captured == [{"event": "captured", "n": 1, "log_level": "info"}]
+    assert stream.getvalue() == b""
+
+
+async def test_configure_logging_flushes_once_per_event_loop_turn(stream: Stream) -> None:
+    for n in range(50):
+        app_log().info("line", n=n)
+    assert stream.flushes == 0  # all 50 wait for this turn to end
+    await asyncio.sleep(0)
+    assert stream.flushes == 1
+    assert [line["n"] for line in stream.lines()] == list(range(50))
+
+
+def test_configure_logging_flushes_each_line_at_once_outside_an_event_loop(stream: Stream) -> None:
+    app_log().info("first")
+    assert stream.flushes == 1
+    logging.getLogger("script").warning("second")
+    assert stream.flushes == 2
