@@ -21,8 +21,9 @@ from envelope_middleware.catalogue import Catalogue, ErrorSpec, is_valid_code
 from envelope_middleware.exceptions import ApiError
 
 # Exceptions of optional libraries are named, not imported: the core must not
-# import httpx or httpx2, and a name matches whichever of them the app uses.
-# Both set `__module__` of their public classes to the package name.
+# import httpx, httpx2 or aiohttp, and a name matches whichever the app uses.
+# httpx and httpx2 set `__module__` of their public classes to the package
+# name; aiohttp's stay in `aiohttp.client_exceptions`.
 DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
     **{
         f"{package}.{name}": code
@@ -35,6 +36,18 @@ DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
             # overloaded, no service was slow.
             ("PoolTimeout", "service_unavailable"),
             ("DecodingError", "downstream_invalid_response"),
+        )
+    },
+    # aiohttp's, as a gateway calling its services with it raises them (issue #11).
+    **{
+        f"aiohttp.client_exceptions.{name}": code
+        for name, code in (
+            ("ClientError", "downstream_unavailable"),
+            ("ServerTimeoutError", "downstream_timeout"),
+            # A body cut short, or an answer that is no HTTP (aiohttp's parser
+            # reports it as a ClientResponseError, status 400 of its own).
+            ("ClientPayloadError", "downstream_invalid_response"),
+            ("ClientResponseError", "downstream_invalid_response"),
         )
     },
     # The client went away mid-body: its request is incomplete, not the server

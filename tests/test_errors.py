@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import httpx
 import httpx2
 import orjson
@@ -240,3 +242,72 @@ async def test_errors_a_full_client_pool_is_this_gateway_overloaded_not_a_slow_s
     lean = Catalogue(DEFAULT_CATALOGUE[code] for code in DEFAULT_CATALOGUE if code != "service_unavailable")
     sent = await call(EnvelopeMiddleware(app, access_log=False, catalogue=lean))
     assert (sent.status, sent.json()["error"]["code"]) == (504, "downstream_timeout")
+
+
+# aiohttp's failures, raised for real against loopback peers (issue #11: the gateway calls services with it).
+_BROKEN_ANSWERS = {
+    "/cut": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"id":',
+    "/garbage": b"SMTP ready\r\n\r\n",
+    "/silent": b"",
+}
+
+
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.write(_BROKEN_ANSWERS[head.split(b" ", 2)[1].decode()])
+    await writer.drain()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code", "raised"),
+    [
+        ("/cut", 502, "downstream_invalid_response", aiohttp.ClientPayloadError),
+        ("/garbage", 502, "downstream_invalid_response", aiohttp.ClientResponseError),
+        ("/silent", 502, "downstream_unavailable", aiohttp.ServerDisconnectedError),
+        ("/refused", 502, "downstream_unavailable", aiohttp.ClientConnectorError),
+        ("/slow", 504, "downstream_timeout", aiohttp.SocketTimeoutError),
+    ],
+)
+async def test_errors_aiohttp_failures_are_mapped_without_leaking(
+    path: str, status: int, code: str, raised: type[Exception], logs: Any
+) -> None:
+    answered = asyncio.Event()
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def peer_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            if path == "/slow":
+                await answered.wait()  # past the client's 0.2 s read timeout
+            else:
+                await _answer(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    peer = await asyncio.start_server(peer_side, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    if path == "/refused":
+        peer.close()
+        await peer.wait_closed()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        timeout = aiohttp.ClientTimeout(sock_read=0.2)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"http://127.0.0.1:{port}{path}") as response,
+        ):
+            await response.read()
+
+    try:
+        sent = await call(EnvelopeMiddleware(app))
+    finally:
+        answered.set()
+        peer.close()
+        await asyncio.gather(*handlers)
+    assert (sent.status, sent.json()["error"]["code"]) == (status, code)
+    assert "127.0.0.1" not in sent.body.decode()
+    [event] = [e for e in logs.entries if e["event"] == "mapped_exception"]
+    assert isinstance(event["exc_info"], raised)
+    assert event["request_id"] == sent.header("x-request-id")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.cookiejar
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
 import orjson
 import structlog
 import swagger_ui_bundle
@@ -34,18 +32,17 @@ from envelope_middleware import (
     MemoryStore,
     RequestInvalid,
     ResourceNotFound,
-    async_request_id_hook,
     configure_logging,
 )
 from envelope_middleware._http import is_json_media_type
 from envelope_middleware.demo.auth import CREDENTIALS, Credential, authorize
+from envelope_middleware.demo.forwarding import Backend, open_backend
 from envelope_middleware.demo.openapi import EXCLUDED_PATHS, gateway_openapi
 from envelope_middleware.idempotency import IdempotencyStore
 from envelope_middleware.request_id import RequestIdFormat
 
 __all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
 
-_FORWARDED_HEADERS = ("content-type", "retry-after")
 MAX_PAGE_SIZE = 100
 MAX_BODY_BYTES = 16 * 1024  # a write body here is a few fields; more is refused, not read
 # The backend refused the gateway's own access: nothing the partner sent or can fix.
@@ -135,18 +132,17 @@ def _validated_query(request: Request, *, filters: tuple[str, ...] = ()) -> dict
 
 
 async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Response:
-    client: httpx2.AsyncClient = request.app.state.clients[api.backend]
+    backend: Backend = request.app.state.backends[api.backend]
     # A HEAD is asked of the backend as a GET, so the gateway answers it from the
     # document a GET would get (RFC 9110 §9.3.2), and the middleware checks it.
     method = "GET" if request.method == "HEAD" else request.method
     try:
         # The bound covers in-process backends too, which no socket timeout reaches.
         async with asyncio.timeout(request.app.state.timeout):
-            upstream = await client.request(method, path, **kwargs)
+            upstream = await backend.request(method, path, **kwargs)
     except TimeoutError:
         raise DownstreamTimeout(f"The {api.backend} service did not answer in time.") from None
-    status = upstream.status_code
-    content_type = upstream.headers.get("content-type", "")
+    status, content_type = upstream.status, upstream.content_type
     # The partner API answers JSON documents and errors, nothing else: a backend
     # redirect, page or file is not something to relay (issue #3 review).
     if 300 <= status < 400 or (
@@ -163,8 +159,10 @@ async def _forward(request: Request, api: _Api, path: str, **kwargs: Any) -> Res
         # The partner's own credential was checked above; this one is the gateway's.
         _logger.error("downstream_refused_gateway", backend=api.backend, status=status)
         raise DownstreamUnavailable(f"The {api.backend} service is unavailable.")
-    headers = {name: upstream.headers[name] for name in _FORWARDED_HEADERS if name in upstream.headers}
-    return Response(upstream.content, status_code=status, headers=headers)
+    headers = dict(upstream.headers)
+    if content_type:
+        headers["content-type"] = content_type
+    return Response(upstream.body, status_code=status, headers=headers)
 
 
 async def _availability(request: Request) -> bool:
@@ -342,36 +340,22 @@ def create_gateway(
 def _lifespan(
     backends: Mapping[str, ASGIApp | str], timeout: float, store: IdempotencyStore
 ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
-    """The gateway's start and stop: one HTTP client per backend, and the store closed at the end."""
+    """The gateway's start and stop: one client per backend, and the store closed at the end."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        clients: dict[str, httpx2.AsyncClient] = {}
-        for name, target in backends.items():
-            hooks = {"request": [async_request_id_hook]}
-            # One client serves every partner: a cookie a backend sets must not
-            # ride along on the next partner's requests (issue #3 review), and
-            # the environment's proxies and .netrc are not the backends' concern.
-            shared: dict[str, Any] = {"event_hooks": hooks, "cookies": _refusing_jar(), "trust_env": False}
-            if isinstance(target, str):
-                clients[name] = httpx2.AsyncClient(base_url=target, timeout=timeout, **shared)
-            else:
-                transport = httpx2.ASGITransport(app=target)
-                clients[name] = httpx2.AsyncClient(transport=transport, base_url=f"http://{name}", **shared)
-        app.state.clients = clients
+        # One client serves every partner: it keeps no cookie a backend sets
+        # (issue #3 review), nor takes the environment's proxies or .netrc.
+        opened = {name: open_backend(name, target, timeout) for name, target in backends.items()}
+        app.state.backends = opened
         app.state.timeout = timeout
         try:
             yield
         finally:
-            for client in clients.values():
-                await client.aclose()
+            for backend in opened.values():
+                await backend.aclose()
             close_store = getattr(store, "aclose", None)
             if close_store is not None:
                 await close_store()
 
     return lifespan
-
-
-def _refusing_jar() -> http.cookiejar.CookieJar:
-    # No domain is allowed, so no cookie is ever stored or sent.
-    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
