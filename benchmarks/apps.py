@@ -10,7 +10,7 @@ import os
 
 import orjson
 import structlog
-from floor import CheckedLayer, compiled_layer
+from floor import CheckedLayer, LoggedLayer, compiled_layer
 from inprocess import payload, quiet_structlog, stacks
 from starlette.types import ASGIApp
 
@@ -64,3 +64,8 @@ def compiled() -> ASGIApp:
 def floor() -> ASGIApp:
     """floor.py's `checked` layer around the bare app: the contract's required work, in Python."""
     return CheckedLayer(_stack("bare"))
+
+
+def floor_logged() -> ASGIApp:
+    """`floor`, then one JSON access line per request: the least an access log can cost (issue #11)."""
+    return LoggedLayer(_stack("bare"))

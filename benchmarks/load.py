@@ -11,6 +11,9 @@ of the server, and the ratio of requests/s to the bare app's.
     python benchmarks/load.py --sizes 200B --stacks compiled   # floor.py's compiled layer, opt-in
     python benchmarks/load.py --sizes 200B --stacks floor compiled mypyc envelope_validating
 
+The reference gateway, with and without the envelope, has a benchmark of its
+own: gateway_load.py.
+
 wrk comes from Debian's package (`apt-get install wrk`). The server and wrk are
 pinned to separate cores with taskset when the machine has two or more.
 Only loopback addresses are used.
@@ -49,14 +52,13 @@ STACKS = [
     "envelope_trusted",
     "envelope_validating",
     "envelope_validating_logged",
-    "gateway",
 ]
 # Not run unless named, since they answer one question (what would a faster
 # implementation keep under load?) rather than compare stacks a user would mount:
 # floor.py's `checked` layer (the contract's required work in Python) and the same
 # in C (needs a C compiler), both serving only this benchmark's response shape;
 # and EnvelopeMiddleware, validating, compiled with mypyc from this checkout.
-OPT_IN = ["floor", "compiled", "mypyc"]
+OPT_IN = ["floor", "floor_logged", "compiled", "mypyc"]
 LABELS = {
     "bare": "bare Starlette",
     "correlation_id": "asgi-correlation-id",
@@ -64,16 +66,15 @@ LABELS = {
     "envelope_trusted": "envelope, trusted",
     "envelope_validating": "envelope, validating",
     "envelope_validating_logged": "envelope, validating + access log",
-    "gateway": "reference gateway (GET /orders)",
     "floor": "Python floor (floor.py's checked)",
+    "floor_logged": "Python floor + one log line (floor.py)",
     "compiled": "compiled floor (C, floor.py)",
     "mypyc": "envelope, validating, mypyc-compiled",
 }
 # The app factory in apps.py each stack is served by, where it is not the stack's own name.
 FACTORY = {"mypyc": "envelope_validating"}
-# The gateway's pages: size=1 is about 350 B, size=100 about 33 KB; larger pages are not offered.
-GATEWAY_PAGE = {"200B": 1, "100KB": 100, "1MB": 100}
-AUTH = "Basic " + __import__("base64").b64encode(b"demo_partner:demo_secret").decode()
+# The reference gateway's credentials (demo_partner:demo_secret), as wrk_auth.lua sends them.
+AUTH = {"Authorization": "Basic ZGVtb19wYXJ0bmVyOmRlbW9fc2VjcmV0"}
 
 
 @dataclass
@@ -108,36 +109,38 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
     # The mypyc build is a copy of the package elsewhere; `python -m` puts the working
     # directory first on sys.path, so it is both that and PYTHONPATH.
     root = Path(os.environ["MYPYC_DIR"]) if stack == "mypyc" else ROOT
-    env = {**os.environ, "BENCH_BODY_BYTES": str(SIZES[size]), "PYTHONPATH": str(root)}
-    if stack == "gateway":
-        command = [
-            sys.executable,
-            "-m",
-            "envelope_middleware.demo",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--workers",
-            str(workers),
-        ]
-    else:
-        # The interface is said, not detected: the compiled layer is no coroutine function.
-        command = uvicorn_command(
-            f"apps:{FACTORY.get(stack, stack)}", port, "--workers", str(workers), "--interface", "asgi3"
-        )
-    process = subprocess.Popen(
-        pinned(command, 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root
+    # The interface is said, not detected: the compiled layer is no coroutine function.
+    command = uvicorn_command(
+        f"apps:{FACTORY.get(stack, stack)}", port, "--workers", str(workers), "--interface", "asgi3"
     )
-    url = target_url(stack, size, port)
+    env = {"BENCH_BODY_BYTES": str(SIZES[size]), "PYTHONPATH": str(root)}
+    return launch(command, f"http://127.0.0.1:{port}/orders", core=0, env=env, cwd=root)
+
+
+def launch(
+    command: list[str], ready: str, *, core: int | None, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """Start a server, pinned to `core` (None: where the scheduler puts it); return once `ready` answers.
+
+    Its stdout goes to /dev/null: what a server logs there costs it the rendering
+    and the write, nothing more.
+    """
+    process = subprocess.Popen(
+        command if core is None else pinned(command, core),
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
-            httpx2.get(url, headers={"Authorization": AUTH}, timeout=5).raise_for_status()
+            httpx2.get(ready, headers=AUTH, timeout=5).raise_for_status()
         except httpx2.HTTPError:
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_server(process)
                 stderr = process.stderr.read().decode() if process.stderr else ""
-                raise RuntimeError(f"{stack} did not start: {stderr}") from None
+                raise RuntimeError(f"{' '.join(command)} did not start: {stderr}") from None
             time.sleep(0.1)
         else:
             return process
@@ -166,12 +169,6 @@ def uvicorn_command(factory: str, port: int, *options: str) -> list[str]:
         "--no-access-log",
         *options,
     ]
-
-
-def target_url(stack: str, size: str, port: int) -> str:
-    if stack == "gateway":
-        return f"http://127.0.0.1:{port}/orders?size={GATEWAY_PAGE[size]}"
-    return f"http://127.0.0.1:{port}/orders"
 
 
 def peak_rss_mb(process: subprocess.Popen[bytes]) -> float:
@@ -223,12 +220,14 @@ def parse_wrk(output: str) -> dict[str, float]:
         return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    requests = re.search(r"(\d+) requests in", output)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    if rps is None:
-        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    if rps is None or requests is None:
+        raise ValueError(f"no Requests/sec or request count in wrk output:\n{output}")
     return {
         "rps": float(rps.group(1)),
+        "requests": float(requests.group(1)),
         "p50": latency("50"),
         "p99": latency("99"),
         "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
@@ -248,7 +247,7 @@ def measure(args: argparse.Namespace) -> list[Run]:
                 port = free_port()
                 process = start_server(stack, size, port, args.workers)
                 try:
-                    url = target_url(stack, size, port)
+                    url = f"http://127.0.0.1:{port}/orders"
                     wrk(url, 1, args.connections, args.threads)  # warm-up
                     result = wrk(url, args.duration, args.connections, args.threads)
                     rss[stack] = max(rss.get(stack, 0.0), peak_rss_mb(process))

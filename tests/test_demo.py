@@ -20,10 +20,12 @@ from urllib.parse import quote
 import httpx2
 import orjson
 import pytest
+import uvicorn
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from envelope_middleware.demo import CREDENTIALS, create_backends, create_gateway
+from envelope_middleware.demo import __main__ as demo_main
 from envelope_middleware.demo import backends as backends_module
 from envelope_middleware.demo.__main__ import Options, app_from_environment, banner, build, parse_args
 from envelope_middleware.demo.data import ARCHIVED_ITEM_EVERY, generate
@@ -508,6 +510,67 @@ def test_demo_cli_builds_a_gateway_from_options_and_environment(monkeypatch: pyt
             response = client.get("/orders", auth=FULL)
     assert response.status_code == 200
     assert recorder.seen == [response.headers["x-request-id"]]  # reached over HTTP
+
+
+def _orders_backend_page(size: int) -> bytes:
+    """What the orders service itself answers for the first page of `size` orders."""
+    with TestClient(create_backends()["orders"]) as backend:
+        response = backend.get("/orders", params={"page": 1, "size": size})
+    assert response.status_code == 200
+    return response.content
+
+
+@pytest.mark.parametrize("enveloped", [True, False], ids=["envelope", "no-envelope"])
+def test_demo_cli_no_envelope_serves_the_backends_own_json(enveloped: bool) -> None:
+    options = parse_args(["--no-access-log"] if enveloped else ["--no-access-log", "--no-envelope"])
+    assert options.envelope is enveloped
+    with TestClient(build(options)) as client:
+        response = client.get("/orders", params={"size": 2}, auth=FULL)
+    assert response.status_code == 200
+    own = _orders_backend_page(2)
+    if enveloped:
+        assert check_envelope(response)["data"] == orjson.loads(own)
+    else:
+        assert response.content == own  # byte for byte: no request_id, no data wrapping
+        assert "x-request-id" not in response.headers
+
+
+def test_demo_cli_hands_no_envelope_to_each_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() writes the hand-over into os.environ; setting each key first makes
+    # monkeypatch remove them again after the test.
+    for suffix in (
+        "",
+        "_TIMEOUT",
+        "_TRUSTED",
+        "_ACCESS_LOG",
+        "_ENVELOPE",
+        "_HTTP_CLIENT",
+        "_REQUEST_ID_FORMAT",
+        "_REDIS_URL",
+        "_IDEMPOTENCY_LEASE",
+    ):
+        monkeypatch.setenv(f"ENVELOPE_DEMO_BACKENDS{suffix}", "")
+    started: list[str] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: started.append(app))
+    argv = [
+        "--workers",
+        "2",
+        "--redis-url",
+        "redis://127.0.0.1:6390/0",
+        "--no-envelope",
+        "--http-client",
+        "httpx2",
+    ]
+    assert demo_main.main(argv) == 0
+    assert started == ["envelope_middleware.demo.__main__:app_from_environment"]
+    assert os.environ["ENVELOPE_DEMO_BACKENDS_ENVELOPE"] == "0"
+    assert os.environ["ENVELOPE_DEMO_BACKENDS_HTTP_CLIENT"] == "httpx2"
+    # What a worker builds from that environment, on the embedded store (no Redis here).
+    monkeypatch.setenv("ENVELOPE_DEMO_BACKENDS_REDIS_URL", "")
+    with TestClient(app_from_environment()) as client:
+        response = client.get("/orders", params={"size": 2}, auth=FULL)
+    assert response.status_code == 200
+    assert response.content == _orders_backend_page(2)
 
 
 def _free_port() -> int:

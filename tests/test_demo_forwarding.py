@@ -1,10 +1,11 @@
-"""The gateway's backend call over real HTTP (aiohttp): what a backend's answer may and may not do."""
+"""The gateway's backend call over real HTTP, either client: what a backend's answer may and may not do."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from typing import Any
 
+import orjson
 import pytest
 from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
@@ -15,11 +16,18 @@ from tests._server import serve
 FULL = (CREDENTIALS[0].partner_key, CREDENTIALS[0].secret)
 
 
-def gateway_with_orders(orders: Any, *, prefix: str = "") -> Any:
+@pytest.fixture(params=["aiohttp", "httpx2"])
+def http_client(request: pytest.FixtureRequest) -> str:
+    """Each test runs with both of the gateway's HTTP clients: what one refuses, the other must too."""
+    return str(request.param)
+
+
+def gateway_with_orders(orders: Any, http_client: Any, *, prefix: str = "") -> Any:
     """A TestClient on a gateway whose orders service is `orders`, served over HTTP."""
     stack = ExitStack()
     url = stack.enter_context(serve(orders)) + prefix
-    client = stack.enter_context(TestClient(create_gateway({**create_backends(), "orders": url})))
+    gateway = create_gateway({**create_backends(), "orders": url}, http_client=http_client)
+    client = stack.enter_context(TestClient(gateway))
     stack.callback(client.close)
     return stack, client
 
@@ -32,8 +40,8 @@ def gateway_with_orders(orders: Any, *, prefix: str = "") -> Any:
     ],
     ids=["two-content-types", "redirect"],
 )
-def test_forwarding_refuses_answers_aiohttp_would_read_as_json_or_follow(
-    status: int, headers: list[tuple[bytes, bytes]]
+def test_forwarding_refuses_answers_a_client_would_read_as_json_or_follow(
+    status: int, headers: list[tuple[bytes, bytes]], http_client: str
 ) -> None:
     requested: list[str] = []
 
@@ -42,7 +50,7 @@ def test_forwarding_refuses_answers_aiohttp_would_read_as_json_or_follow(
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b'{"orders": []}'})
 
-    stack, client = gateway_with_orders(orders)
+    stack, client = gateway_with_orders(orders, http_client)
     with stack:
         response = client.get("/orders", auth=FULL)
     assert response.status_code == 502
@@ -51,7 +59,7 @@ def test_forwarding_refuses_answers_aiohttp_would_read_as_json_or_follow(
     assert requested == ["/orders"]  # the redirect was not followed
 
 
-def test_forwarding_keeps_a_base_urls_path_prefix() -> None:
+def test_forwarding_keeps_a_base_urls_path_prefix(http_client: str) -> None:
     seen: list[tuple[str, bytes]] = []
 
     async def orders(scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,7 +68,7 @@ def test_forwarding_keeps_a_base_urls_path_prefix() -> None:
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": b'{"detail": "draining"}'})
 
-    stack, client = gateway_with_orders(orders, prefix="/svc/v2")
+    stack, client = gateway_with_orders(orders, http_client, prefix="/svc/v2")
     with stack:
         response = client.get("/orders", params={"page": 2, "size": 3}, auth=FULL)
     assert seen == [("/svc/v2/orders", b"page=2&size=3")]
@@ -69,7 +77,7 @@ def test_forwarding_keeps_a_base_urls_path_prefix() -> None:
     assert response.json()["error"]["code"] == "service_unavailable"
 
 
-def test_forwarding_sends_a_writes_body_as_json_with_the_request_id() -> None:
+def test_forwarding_sends_a_writes_body_as_json_with_the_request_id(http_client: Any) -> None:
     received: list[tuple[dict[bytes, bytes], bytes]] = []
 
     async def brands(scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,13 +94,14 @@ def test_forwarding_sends_a_writes_body_as_json_with_the_request_id() -> None:
 
     with ExitStack() as stack:
         url = stack.enter_context(serve(brands))
-        client = stack.enter_context(TestClient(create_gateway({**create_backends(), "brands": url})))
+        gateway = create_gateway({**create_backends(), "brands": url}, http_client=http_client)
+        client = stack.enter_context(TestClient(gateway))
         response = client.patch(
             "/items/3/availability", json={"available": True}, headers={"Idempotency-Key": "k1"}, auth=FULL
         )
     assert response.json()["data"] == {"id": 3}
     [(headers, payload)] = received
-    assert payload == b'{"available":true}'
+    assert orjson.loads(payload) == {"available": True}
     assert headers[b"content-type"] == b"application/json"
     assert headers[b"x-request-id"].decode() == response.headers["x-request-id"]
     assert b"cookie" not in headers

@@ -14,9 +14,11 @@ from typing import Any
 
 import httpx2
 import uvicorn
+import uvloop
 from starlette.types import ASGIApp
 
 from envelope_middleware.demo.backends import create_backends
+from envelope_middleware.demo.forwarding import HttpClient
 from envelope_middleware.demo.gateway import CREDENTIALS, configure_logging, create_gateway
 from envelope_middleware.idempotency import IdempotencyStore, MemoryStore
 from envelope_middleware.idempotency.redis_store import RedisStore
@@ -37,6 +39,8 @@ class Options:
     request_id_format: str = "hex"
     trusted: bool = False
     access_log: bool = True
+    envelope: bool = True
+    http_client: HttpClient = "aiohttp"
     redis_url: str | None = None
     idempotency_lease: float | None = None
     idempotency_max_entries: int = 100_000
@@ -67,6 +71,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--request-id-format", choices=["hex", "prefixed_uuid"], default="hex")
     parser.add_argument("--trusted", action="store_true", help="trust backend JSON: no validation")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false")
+    parser.add_argument(
+        "--http-client",
+        choices=["aiohttp", "httpx2"],
+        default="aiohttp",
+        help="the client for --backend and --serve-backends services (httpx2: the forwarding "
+        "before issue #11, kept as benchmarks/gateway_load.py's baseline)",
+    )
+    parser.add_argument(
+        "--no-envelope",
+        dest="envelope",
+        action="store_false",
+        help="serve without EnvelopeMiddleware: the baseline of benchmarks/gateway_load.py",
+    )
     parser.add_argument(
         "--redis-url",
         metavar="URL",
@@ -127,6 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         request_id_format=args.request_id_format,
         trusted=args.trusted,
         access_log=args.access_log,
+        envelope=args.envelope,
+        http_client=args.http_client,
         redis_url=args.redis_url,
         idempotency_lease=args.idempotency_lease,
         idempotency_max_entries=args.idempotency_max_entries,
@@ -189,6 +208,8 @@ def build(options: Options) -> ASGIApp:
         request_id_format="prefixed_uuid" if options.request_id_format == "prefixed_uuid" else "hex",
         validate_json=not options.trusted,
         access_log=options.access_log,
+        envelope=options.envelope,
+        http_client=options.http_client,
     )
 
 
@@ -259,6 +280,8 @@ def app_from_environment() -> ASGIApp:
     options.timeout = float(os.environ.get(_ENV + "_TIMEOUT", "1.0"))
     options.trusted = os.environ.get(_ENV + "_TRUSTED") == "1"
     options.access_log = os.environ.get(_ENV + "_ACCESS_LOG", "1") == "1"
+    options.envelope = os.environ.get(_ENV + "_ENVELOPE", "1") == "1"
+    options.http_client = "httpx2" if os.environ.get(_ENV + "_HTTP_CLIENT") == "httpx2" else "aiohttp"
     options.request_id_format = os.environ.get(_ENV + "_REQUEST_ID_FORMAT", "hex")
     options.redis_url = os.environ.get(_ENV + "_REDIS_URL") or None
     lease = os.environ.get(_ENV + "_IDEMPOTENCY_LEASE")
@@ -299,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[_ENV + "_TIMEOUT"] = str(options.timeout)
         os.environ[_ENV + "_TRUSTED"] = "1" if options.trusted else "0"
         os.environ[_ENV + "_ACCESS_LOG"] = "1" if options.access_log else "0"
+        os.environ[_ENV + "_ENVELOPE"] = "1" if options.envelope else "0"
+        os.environ[_ENV + "_HTTP_CLIENT"] = options.http_client
         os.environ[_ENV + "_REQUEST_ID_FORMAT"] = options.request_id_format
         os.environ[_ENV + "_REDIS_URL"] = options.redis_url or ""
         os.environ[_ENV + "_IDEMPOTENCY_LEASE"] = str(options.idempotency_lease or "")
@@ -312,9 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             **_UVICORN,
         )
         return 0
-    # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly.
+    # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly. The
+    # servers share one loop, started here rather than by uvicorn: uvloop's, as
+    # uvicorn's own start would pick (about a fifth of the gateway's CPU, issue #11).
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(options))
+        uvloop.run(serve(options))
     return 0
 
 

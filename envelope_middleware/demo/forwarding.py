@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import http.cookiejar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import httpx2
@@ -20,7 +20,9 @@ from starlette.types import ASGIApp
 
 from envelope_middleware.propagation import request_id_headers
 
-__all__ = ["Backend", "Upstream", "open_backend"]
+__all__ = ["Backend", "HttpClient", "Upstream", "open_backend"]
+
+HttpClient = Literal["aiohttp", "httpx2"]
 
 # What the gateway relays of a backend's answer besides its body and status.
 _RELAYED = ("retry-after",)
@@ -45,7 +47,7 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
-class HttpBackend:
+class AiohttpBackend:
     """A service over HTTP, through one aiohttp session and its keep-alive pool.
 
     Redirects are not followed (aiohttp follows them unless told, per call),
@@ -92,17 +94,11 @@ class HttpBackend:
         await self.session.close()
 
 
-class AsgiBackend:
-    """A service in this process, called through httpx2's ASGI transport."""
+class HttpxBackend:
+    """A service called through an httpx2 client: its ASGI transport in process, or over HTTP."""
 
-    def __init__(self, app: ASGIApp, name: str) -> None:
-        self.client = httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=app),
-            base_url=f"http://{name}",
-            # The same isolation as over HTTP: nothing from the environment, no cookies.
-            trust_env=False,
-            cookies=_refusing_jar(),
-        )
+    def __init__(self, client: httpx2.AsyncClient) -> None:
+        self.client = client
 
     async def request(
         self, method: str, path: str, *, params: dict[str, int] | None = None, json: Any = None
@@ -113,7 +109,7 @@ class AsgiBackend:
         found = response.headers
         return Upstream(
             response.status_code,
-            found.get("content-type", ""),
+            found.get("content-type", ""),  # httpx2 joins several values
             {name: found[name] for name in _RELAYED if name in found},
             response.content,
         )
@@ -127,6 +123,19 @@ def _refusing_jar() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
-def open_backend(name: str, target: ASGIApp | str, timeout: float) -> Backend:
-    """The backend `name`: over HTTP for a base URL, in process for an ASGI app."""
-    return HttpBackend(target, timeout) if isinstance(target, str) else AsgiBackend(target, name)
+def open_backend(
+    name: str, target: ASGIApp | str, timeout: float, http_client: HttpClient = "aiohttp"
+) -> Backend:
+    """The backend `name`: over HTTP for a base URL, in process for an ASGI app.
+
+    `http_client="httpx2"` calls HTTP backends with httpx2, as the gateway did
+    before issue #11: the baseline `benchmarks/gateway_load.py` measures against.
+    """
+    if isinstance(target, str) and http_client == "aiohttp":
+        return AiohttpBackend(target, timeout)
+    # The same isolation as aiohttp's: nothing from the environment, no cookies kept.
+    isolated: dict[str, Any] = {"trust_env": False, "cookies": _refusing_jar()}
+    if isinstance(target, str):
+        return HttpxBackend(httpx2.AsyncClient(base_url=target, timeout=timeout, **isolated))
+    transport = httpx2.ASGITransport(app=target)
+    return HttpxBackend(httpx2.AsyncClient(transport=transport, base_url=f"http://{name}", **isolated))

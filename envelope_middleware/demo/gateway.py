@@ -36,7 +36,7 @@ from envelope_middleware import (
 )
 from envelope_middleware._http import is_json_media_type
 from envelope_middleware.demo.auth import CREDENTIALS, Credential, authorize
-from envelope_middleware.demo.forwarding import Backend, open_backend
+from envelope_middleware.demo.forwarding import Backend, HttpClient, open_backend
 from envelope_middleware.demo.openapi import EXCLUDED_PATHS, gateway_openapi
 from envelope_middleware.idempotency import IdempotencyStore
 from envelope_middleware.request_id import RequestIdFormat
@@ -205,6 +205,7 @@ def create_gateway(
     idempotency_lease: float | None = None,
     idempotent_writes: bool = True,
     envelope: bool = True,
+    http_client: HttpClient = "aiohttp",
 ) -> Starlette:
     """The partner gateway: each backend is an in-process ASGI app or a base URL.
 
@@ -215,6 +216,7 @@ def create_gateway(
     idempotency at all (writes run each time): the baseline of its benchmark.
     `envelope=False` mounts no `EnvelopeMiddleware` (answers and errors then
     plain, nothing logged): the baseline of the gateway's load benchmark.
+    Backends given as URLs are called with aiohttp, or with httpx2 (`http_client`).
     """
     if backends is None:
         from envelope_middleware.demo.backends import create_backends  # noqa: PLC0415 - demo data on demand
@@ -329,7 +331,7 @@ def create_gateway(
         ]
         if envelope
         else None,
-        lifespan=_lifespan(backends, timeout, store),
+        lifespan=_lifespan(backends, timeout, store, http_client),
     )
     # A trailing slash is an unknown route (404), not a redirect whose
     # Location is built from the client's Host header.
@@ -338,7 +340,7 @@ def create_gateway(
 
 
 def _lifespan(
-    backends: Mapping[str, ASGIApp | str], timeout: float, store: IdempotencyStore
+    backends: Mapping[str, ASGIApp | str], timeout: float, store: IdempotencyStore, http_client: HttpClient
 ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
     """The gateway's start and stop: one client per backend, and the store closed at the end."""
 
@@ -346,7 +348,7 @@ def _lifespan(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # One client serves every partner: it keeps no cookie a backend sets
         # (issue #3 review), nor takes the environment's proxies or .netrc.
-        opened = {name: open_backend(name, target, timeout) for name, target in backends.items()}
+        opened = {name: open_backend(name, target, timeout, http_client) for name, target in backends.items()}
         app.state.backends = opened
         app.state.timeout = timeout
         try:
