@@ -105,3 +105,15 @@ def test_forwarding_sends_a_writes_body_as_json_with_the_request_id(http_client:
     assert headers[b"content-type"] == b"application/json"
     assert headers[b"x-request-id"].decode() == response.headers["x-request-id"]
     assert b"cookie" not in headers
+
+
+def test_forwarding_relays_an_untyped_error_as_its_status(http_client: str) -> None:
+    async def orders(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    stack, client = gateway_with_orders(orders, http_client)
+    with stack:
+        response = client.get("/orders/ord_00001", auth=FULL)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "resource_not_found"

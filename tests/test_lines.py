@@ -1,27 +1,28 @@
-"""LineWriter: lines held until the event loop's turn ends, never lost between loops."""
+"""LineWriter: lines held for FLUSH_DELAY inside a loop, never lost between loops."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-from envelope_middleware._lines import LineWriter
+from envelope_middleware._lines import FLUSH_DELAY, LineWriter
 from tests.test_logging_setup import Stream
 
 
-def test_line_writer_flushes_lines_written_in_a_turn_when_the_turn_ends() -> None:
+def test_line_writer_holds_lines_for_its_delay_then_writes_them_in_one_flush() -> None:
     out = Stream()
     writer = LineWriter(out)
     seen: list[int] = []
 
     async def main() -> None:
         writer.write(b"a\n")
-        writer.write(b"b\n")
-        seen.append(out.flushes)
         await asyncio.sleep(0)
+        writer.write(b"b\n")
+        seen.append(out.flushes)  # turns have passed, the delay has not
+        await asyncio.sleep(FLUSH_DELAY * 2)
         seen.append(out.flushes)
         writer.write(b"c\n")
-        await asyncio.sleep(0)
+        await asyncio.sleep(FLUSH_DELAY * 2)
         seen.append(out.flushes)
 
     asyncio.run(main())
@@ -38,13 +39,17 @@ def test_line_writer_still_flushes_after_a_loop_closed_with_its_flush_pending() 
 
     loop = asyncio.new_event_loop()
     task = loop.create_task(write(b"lost turn\n"))
-    loop.call_soon(loop.stop)  # stops after the turn that schedules the flush, before it runs
+    loop.call_soon(loop.stop)  # stops after the turn that schedules the flush, long before it is due
     loop.run_forever()
     loop.close()
     assert task.done()
     assert out.flushes == 0
 
-    asyncio.run(write(b"next loop\n"))
+    async def write_and_wait(line: bytes) -> None:
+        writer.write(line)
+        await asyncio.sleep(FLUSH_DELAY * 2)
+
+    asyncio.run(write_and_wait(b"next loop\n"))
     assert out.flushes == 1
     assert out.getvalue() == b"lost turn\nnext loop\n"
 

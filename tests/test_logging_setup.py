@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import io
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,6 +25,7 @@ from starlette.testclient import TestClient
 from structlog.contextvars import bound_contextvars
 
 from envelope_middleware import EnvelopeMiddleware, configure_logging
+from envelope_middleware._lines import FLUSH_DELAY
 from tests.conftest import plain_structlog
 
 
@@ -196,13 +200,27 @@ def test_configure_logging_leaves_structlogs_capture_logs_working(stream: Stream
     assert stream.getvalue() == b""
 
 
-async def test_configure_logging_flushes_once_per_event_loop_turn(stream: Stream) -> None:
+async def test_configure_logging_writes_a_busy_moments_lines_in_one_flush(stream: Stream) -> None:
     for n in range(50):
         app_log().info("line", n=n)
-    assert stream.flushes == 0  # all 50 wait for this turn to end
-    await asyncio.sleep(0)
+        await asyncio.sleep(0)  # each line in a turn of its own
+    assert stream.flushes == 0
+    await asyncio.sleep(FLUSH_DELAY * 2)
     assert stream.flushes == 1
     assert [line["n"] for line in stream.lines()] == list(range(50))
+
+
+def test_configure_logging_flushes_what_it_holds_when_the_process_exits(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, structlog\n"
+        "from envelope_middleware import configure_logging\n"
+        f"configure_logging(stream=open({str(tmp_path / 'log')!r}, 'wb'))\n"
+        "async def main():\n"
+        "    structlog.get_logger().info('last words')\n"  # the loop ends before the flush is due
+        "asyncio.run(main())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert orjson.loads((tmp_path / "log").read_bytes())["event"] == "last words"
 
 
 def test_configure_logging_flushes_each_line_at_once_outside_an_event_loop(stream: Stream) -> None:
