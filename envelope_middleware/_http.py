@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -154,7 +154,7 @@ def json_error(body: bytes) -> str | None:
     return None
 
 
-def is_int_status(status: object) -> bool:
+def is_int_status(status: object) -> TypeGuard[int]:
     """Whether `status` is an int other than a bool (an `HTTPStatus` is one; 200.0 is not)."""
     return isinstance(status, int) and type(status) is not bool
 

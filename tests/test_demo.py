@@ -579,6 +579,19 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _free_port_run(count: int) -> int:
+    """The first of `count` consecutive loopback ports free now (--serve-backends takes three)."""
+    while True:
+        first = _free_port()
+        with ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except (OSError, OverflowError):  # taken, or past the last port
+                continue
+        return first
+
+
 @pytest.mark.server
 @pytest.mark.parametrize(
     "extra",
@@ -588,7 +601,10 @@ def _free_port() -> int:
 def test_demo_cli_serves_the_gateway_over_real_http(extra: list[str], request: pytest.FixtureRequest) -> None:
     if extra and extra[-1] == "--redis-url":
         extra = [*extra, request.getfixturevalue("redis_server").url]
-    port, backend_port = _free_port(), _free_port()
+    backend_port = _free_port_run(3)
+    port = _free_port()
+    while backend_port <= port < backend_port + 3:
+        port = _free_port()
     argv = [
         sys.executable,
         "-m",

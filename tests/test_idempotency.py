@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -479,6 +480,24 @@ async def test_idempotency_answers_that_ran_nothing_or_failed_free_the_key(
     assert len(writes) == 2
     assert await stored_count(store) == 0
     assert b"db-7" not in first.content
+
+
+async def test_idempotency_an_answer_with_an_http_status_member_is_recorded(
+    store: IdempotencyStore, writes: Writes
+) -> None:
+    # ASGI says int; HTTPStatus is one, and the envelope takes it: so does the record.
+    async def create(request: Request) -> Response:
+        writes.bodies.append(await request.body())
+        return JSONResponse({"write": len(writes)}, status_code=HTTPStatus.CREATED)
+
+    transport = httpx2.ASGITransport(app=enveloped(create, store))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        first = await http.post("/orders", content=b"{}", headers=keyed())
+        retry = await http.post("/orders", content=b"{}", headers=keyed())
+    assert len(writes) == 1
+    assert first.status_code == retry.status_code == 201
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["data"] == first.json()["data"] == {"write": 1}
 
 
 async def test_idempotency_a_failed_first_attempt_lets_the_retry_run(client: Any, writes: Writes) -> None:

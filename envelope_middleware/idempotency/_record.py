@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 import orjson
 
+from envelope_middleware._http import is_int_status
 from envelope_middleware.exceptions import ApiError
 
 # Headers that belong to one exchange, not to the answer: a replay goes without
@@ -33,9 +34,9 @@ EXCHANGE_HEADERS = frozenset(
 NOT_RECORDED = frozenset({401, 403, 407, 408, 425, 429})
 
 
-def is_recorded(status: object) -> bool:
-    """Whether an answer with this status is kept for replay."""
-    return type(status) is int and 200 <= status <= 499 and status not in NOT_RECORDED
+def is_recorded(status: object) -> TypeGuard[int]:
+    """Whether an answer with this status is kept for replay (an `HTTPStatus` is one, as for the envelope)."""
+    return is_int_status(status) and 200 <= status <= 499 and status not in NOT_RECORDED
 
 
 class Fingerprint(msgspec.Struct, array_like=True, frozen=True):

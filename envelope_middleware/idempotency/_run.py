@@ -109,7 +109,7 @@ class FirstRun:
             return _record.error_record(handed_over, self.request_id)
         if not is_recorded(self.status):
             return None
-        return Record(self.request_id, self.status, self.headers, b"".join(self.chunks))  # type: ignore[arg-type]
+        return Record(self.request_id, int(self.status), self.headers, b"".join(self.chunks))
 
     def _marker(self) -> Record | None:
         # Once the app has started a recordable answer the write has run, whether
@@ -117,7 +117,7 @@ class FirstRun:
         # review). Without a start, or with a 5xx, nothing is known to have run.
         if not is_recorded(self.status):
             return None
-        return Record(self.request_id, self.status, self.headers)  # type: ignore[arg-type]
+        return Record(self.request_id, int(self.status), self.headers)
 
     async def _settle(self, record: Record | None, *, shield: bool = False) -> None:
         if shield:
