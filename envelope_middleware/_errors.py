@@ -42,12 +42,12 @@ DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
     **{
         f"aiohttp.client_exceptions.{name}": code
         for name, code in (
+            # Its ClientResponseError is also raise_for_status()'s: a 4xx among them
+            # is a downstream_invalid_response, as for httpx (`_answered_4xx`), and so
+            # is an answer that is no HTTP (aiohttp's parser reports it as a 400).
             ("ClientError", "downstream_unavailable"),
             ("ServerTimeoutError", "downstream_timeout"),
-            # A body cut short, or an answer that is no HTTP (aiohttp's parser
-            # reports it as a ClientResponseError, status 400 of its own).
-            ("ClientPayloadError", "downstream_invalid_response"),
-            ("ClientResponseError", "downstream_invalid_response"),
+            ("ClientPayloadError", "downstream_invalid_response"),  # a body cut short
         )
     },
     # The client went away mid-body: its request is incomplete, not the server
@@ -253,8 +253,11 @@ def _as_headers(value: object) -> Mapping[str, str]:
 
 
 def _answered_4xx(exc: Exception) -> bool:
-    # httpx's HTTPStatusError carries the response it was raised for.
+    # httpx's HTTPStatusError carries the response it was raised for; aiohttp's
+    # ClientResponseError the status itself.
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is None:
+        status = getattr(exc, "status", None)
     return isinstance(status, int) and 400 <= status <= 499
 
 

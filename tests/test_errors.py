@@ -311,3 +311,24 @@ async def test_errors_aiohttp_failures_are_mapped_without_leaking(
     [event] = [e for e in logs.entries if e["event"] == "mapped_exception"]
     assert isinstance(event["exc_info"], raised)
     assert event["request_id"] == sent.header("x-request-id")
+
+
+@pytest.mark.parametrize(
+    ("backend_status", "code"), [(404, "downstream_invalid_response"), (503, "downstream_unavailable")]
+)
+def test_errors_aiohttp_raise_for_status_is_retryable_only_for_a_service_5xx(
+    backend_status: int, code: str
+) -> None:
+    async def backend(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": backend_status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(backend) as base:
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            session = aiohttp.ClientSession(raise_for_status=True)
+            async with session, session.get(f"{base}/orders/1"):
+                pass
+
+        sent = asyncio.run(call(EnvelopeMiddleware(app, access_log=False)))
+    assert (sent.status, sent.json()["error"]["code"]) == (502, code)
