@@ -45,11 +45,17 @@ DEFAULT_EXCEPTION_CODES: Mapping[type[BaseException] | str, str] = {
             # Its ClientResponseError is also raise_for_status()'s: a 4xx among them
             # is a downstream_invalid_response, as for httpx (`_answered_4xx`), and so
             # is an answer that is no HTTP (aiohttp's parser reports it as a 400).
+            # A body cut short (ClientPayloadError) is a service that went away, as
+            # httpx's RemoteProtocolError: retryable.
             ("ClientError", "downstream_unavailable"),
             ("ServerTimeoutError", "downstream_timeout"),
-            ("ClientPayloadError", "downstream_invalid_response"),  # a body cut short
+            ("ContentTypeError", "downstream_invalid_response"),  # .json() of no JSON
+            ("TooManyRedirects", "downstream_invalid_response"),
         )
     },
+    # Something the gateway waited on did not answer in time (RFC 9110 §15.6.5):
+    # asyncio.timeout's, and aiohttp's total timeout, which raises the built-in.
+    "builtins.TimeoutError": "downstream_timeout",
     # The client went away mid-body: its request is incomplete, not the server
     # broken (a 500 would count a disconnect as a server error in metrics).
     "starlette.requests.ClientDisconnect": "request_invalid",

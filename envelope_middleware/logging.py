@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -76,7 +77,11 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
     log off (`--no-access-log`): the middleware's `http_request` event is the
     access log.
     """
-    min_level = structlog.processors.NAME_TO_LEVEL[level.lower()] if isinstance(level, str) else level
+    names = structlog.processors.NAME_TO_LEVEL
+    min_level = names.get(level.lower(), -1) if isinstance(level, str) else level
+    if min_level not in names.values():
+        # structlog's filtering loggers exist for the standard levels only.
+        raise ValueError(f"level must be a standard logging level (name or number), not {level!r}")
     lines = LineWriter(stream if stream is not None else sys.stdout.buffer)
     # What is held when the process ends normally is written, whichever loop was running.
     atexit.register(_flush_at_exit, lines)
@@ -132,12 +137,37 @@ def _stamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Ev
 
 
 def _render(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> bytes:
-    return orjson.dumps(event_dict, default=str, option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    try:
+        return orjson.dumps(event_dict, default=str, option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return _render_anything(event_dict) + b"\n"
 
 
 def _render_text(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> str:
     # A logging.Formatter returns text; the handler adds the newline.
-    return orjson.dumps(event_dict, default=str, option=_JSON_OPTIONS).decode()
+    try:
+        return orjson.dumps(event_dict, default=str, option=_JSON_OPTIONS).decode()
+    except TypeError:
+        return _render_anything(event_dict).decode()
+
+
+def _render_anything(event_dict: EventDict) -> bytes:
+    """What orjson refuses even with `default`: tuple keys, integers past 64 bits, lone surrogates.
+
+    A log call must not fail the request it describes: keys become their
+    `str()`, the stdlib writes integers of any size, and what UTF-8 cannot
+    hold becomes "?".
+    """
+    text = json.dumps(_str_keys(event_dict), default=str, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "replace")
+
+
+def _str_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else str(key): _str_keys(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_str_keys(item) for item in value]
+    return value
 
 
 class _LineLogger:

@@ -201,7 +201,9 @@ async def test_envelope_maps_exceptions_by_type_and_name_along_the_mro() -> None
 
     app = envelope(raising(DailyQuotaError()), exception_codes={QuotaError: "rate_limited"})
     assert_error(await call(app), 429, "rate_limited")
-    by_name = envelope(raising(TimeoutError()), exception_codes={"builtins.OSError": "service_unavailable"})
+    by_name = envelope(
+        raising(ConnectionRefusedError()), exception_codes={"builtins.OSError": "service_unavailable"}
+    )
     assert_error(await call(by_name), 503, "service_unavailable")
 
 

@@ -249,6 +249,8 @@ _BROKEN_ANSWERS = {
     "/cut": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"id":',
     "/garbage": b"SMTP ready\r\n\r\n",
     "/silent": b"",
+    "/json": b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>",
+    "/loop": b"HTTP/1.1 302 Found\r\nlocation: /loop\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
 }
 
 
@@ -261,11 +263,14 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 @pytest.mark.parametrize(
     ("path", "status", "code", "raised"),
     [
-        ("/cut", 502, "downstream_invalid_response", aiohttp.ClientPayloadError),
+        ("/cut", 502, "downstream_unavailable", aiohttp.ClientPayloadError),
         ("/garbage", 502, "downstream_invalid_response", aiohttp.ClientResponseError),
         ("/silent", 502, "downstream_unavailable", aiohttp.ServerDisconnectedError),
         ("/refused", 502, "downstream_unavailable", aiohttp.ClientConnectorError),
         ("/slow", 504, "downstream_timeout", aiohttp.SocketTimeoutError),
+        ("/slow-total", 504, "downstream_timeout", TimeoutError),
+        ("/json", 502, "downstream_invalid_response", aiohttp.ContentTypeError),
+        ("/loop", 502, "downstream_invalid_response", aiohttp.TooManyRedirects),
     ],
 )
 async def test_errors_aiohttp_failures_are_mapped_without_leaking(
@@ -277,8 +282,8 @@ async def test_errors_aiohttp_failures_are_mapped_without_leaking(
     async def peer_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handlers.append(asyncio.current_task())  # type: ignore[arg-type]
         try:
-            if path == "/slow":
-                await answered.wait()  # past the client's 0.2 s read timeout
+            if path.startswith("/slow"):
+                await answered.wait()  # past the client's 0.2 s timeouts
             else:
                 await _answer(reader, writer)
         finally:
@@ -293,12 +298,13 @@ async def test_errors_aiohttp_failures_are_mapped_without_leaking(
         await peer.wait_closed()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        timeout = aiohttp.ClientTimeout(sock_read=0.2)
+        # A read timeout raises aiohttp's own class; a total one, the built-in TimeoutError.
+        bound = {"total": 0.2} if path == "/slow-total" else {"sock_read": 0.2}
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(f"http://127.0.0.1:{port}{path}") as response,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(**bound)) as session,
+            session.get(f"http://127.0.0.1:{port}{path}", max_redirects=3) as response,
         ):
-            await response.read()
+            await (response.json() if path == "/json" else response.read())
 
     try:
         sent = await call(EnvelopeMiddleware(app))

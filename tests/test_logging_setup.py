@@ -228,3 +228,36 @@ def test_configure_logging_flushes_each_line_at_once_outside_an_event_loop(strea
     assert stream.flushes == 1
     logging.getLogger("script").warning("second")
     assert stream.flushes == 2
+
+
+def test_configure_logging_writes_what_orjson_refuses_rather_than_failing_the_request(stream: Stream) -> None:
+    async def cart(request: Request) -> Response:
+        app_log().info(
+            "cart_priced",
+            by_sku_and_size={("sku-1", "L"): 3},
+            lines=[{("sku-2", "M"): 1}],
+            big=2**70,
+            name="caf\udce9",
+        )
+        logging.getLogger("legacy.module").warning("file caf\udce9.csv")
+        return JSONResponse({"ok": True})
+
+    app = EnvelopeMiddleware(Starlette(routes=[Route("/cart", cart)]))
+    with TestClient(app) as client:
+        response = client.get("/cart")
+    assert response.status_code == 200
+    priced = next(line for line in stream.lines() if line["event"] == "cart_priced")
+    assert priced["by_sku_and_size"] == {"('sku-1', 'L')": 3}
+    assert priced["big"] == 2**70
+    assert priced["lines"] == [{"('sku-2', 'M')": 1}]
+    assert priced["name"] == "caf?"
+    assert priced["request_id"] == response.headers["x-request-id"]
+    stdlib = next(line for line in stream.lines() if line.get("logger") == "legacy.module")
+    assert stdlib["event"] == "file caf?.csv"
+    assert stdlib["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("level", [25, "verbose"])
+def test_configure_logging_refuses_a_level_it_cannot_filter_by(level: int | str) -> None:
+    with pytest.raises(ValueError, match="standard logging level"):
+        configure_logging(level)
