@@ -17,9 +17,10 @@ import uvicorn
 import uvloop
 from starlette.types import ASGIApp
 
+from envelope_middleware import configure_logging
 from envelope_middleware.demo.backends import create_backends
 from envelope_middleware.demo.forwarding import HttpClient
-from envelope_middleware.demo.gateway import CREDENTIALS, configure_logging, create_gateway
+from envelope_middleware.demo.gateway import CREDENTIALS, create_gateway
 from envelope_middleware.idempotency import IdempotencyStore, MemoryStore
 from envelope_middleware.idempotency.redis_store import RedisStore
 

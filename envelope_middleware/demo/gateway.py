@@ -32,7 +32,6 @@ from envelope_middleware import (
     MemoryStore,
     RequestInvalid,
     ResourceNotFound,
-    configure_logging,
 )
 from envelope_middleware._http import is_json_media_type
 from envelope_middleware.demo.auth import CREDENTIALS, Credential, authorize
@@ -41,7 +40,7 @@ from envelope_middleware.demo.openapi import EXCLUDED_PATHS, gateway_openapi
 from envelope_middleware.idempotency import IdempotencyStore
 from envelope_middleware.request_id import RequestIdFormat
 
-__all__ = ["CREDENTIALS", "Credential", "configure_logging", "create_gateway"]
+__all__ = ["CREDENTIALS", "Credential", "create_gateway"]
 
 MAX_PAGE_SIZE = 100
 MAX_BODY_BYTES = 16 * 1024  # a write body here is a few fields; more is refused, not read
