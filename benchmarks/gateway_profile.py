@@ -18,6 +18,7 @@ objects, and the event loop.
 
     python benchmarks/gateway_profile.py                 # about two minutes
     python benchmarks/gateway_profile.py --markdown results/gateway_profile.md
+    python benchmarks/gateway_profile.py --instructions 300   # also callgrind's count (valgrind)
 
 Only loopback addresses are used.
 """
@@ -30,7 +31,9 @@ import contextlib
 import os
 import platform
 import random
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -175,7 +178,8 @@ def report(samples: dict[str, list[float]], args: argparse.Namespace, version: s
         f"# Where the reference gateway's time goes ({version})",
         "",
         (
-            f"Command: `python benchmarks/gateway_profile.py --rounds {args.rounds} --count {args.count}`. "
+            f"Command: `python benchmarks/gateway_profile.py --rounds {args.rounds} --count {args.count}"
+            f"{f' --instructions {args.instructions}' if args.instructions else ''}`. "
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
             "`GET /orders?size=2` through the gateway in this process (uvloop, no server in front; "
             "core 1), forwarded over HTTP to the orders service under uvicorn (core 0). CPU time of "
@@ -201,6 +205,76 @@ def report(samples: dict[str, list[float]], args: argparse.Namespace, version: s
     return "\n".join(lines)
 
 
+INSTRUCTION_VARIANTS: dict[str, dict[str, Any]] = {
+    "no envelope": {"envelope": False},
+    "no access log": {"access_log": False},
+    "gateway": {},
+}
+
+
+def serve_requests(url: str, variant: str, count: int) -> None:
+    """`count` requests (after 100 to warm up) through one gateway: what callgrind counts."""
+
+    async def requests() -> None:
+        app = create_gateway({"orders": url, "branches": url, "brands": url}, **INSTRUCTION_VARIANTS[variant])
+        async with app.router.lifespan_context(app) as state:
+            started: Any = state or {}
+            request: Any = app  # called as the server calls it, with this file's receive and send
+            for _ in range(100 + count):
+                await request(scope(app, started), _receive, _discard)
+
+    uvloop.run(requests())
+
+
+def instructions(url: str, count: int) -> dict[str, float]:
+    """Instructions per request of each variant: callgrind, N requests against 0, hash seed fixed.
+
+    Steady where CPU time is not: the gateway's own instructions, whatever else
+    the machine does (the kernel's share of a request is not counted).
+    """
+    per_request: dict[str, float] = {}
+    for variant in INSTRUCTION_VARIANTS:
+        counts = []
+        for n in (0, count):
+            result = subprocess.run(
+                [
+                    *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+                    *(sys.executable, __file__, "--one", url, variant, str(n)),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+            )
+            found = re.search(r"Collected : (\d+)", result.stderr)
+            if found is None:  # pragma: no cover - valgrind changed its report
+                raise RuntimeError(f"no instruction count in valgrind's output:\n{result.stderr}")
+            counts.append(int(found.group(1)))
+        per_request[variant] = (counts[1] - counts[0]) / count
+    return per_request
+
+
+def instruction_lines(per_request: dict[str, float], count: int) -> list[str]:
+    plain, unlogged, whole = (per_request[name] for name in ("no envelope", "no access log", "gateway"))
+    return [
+        "",
+        (
+            f"Instructions per request (`--instructions`: callgrind, {count} requests against 0, "
+            "PYTHONHASHSEED=0), the gateway's own, steady from run to run:"
+        ),
+        "",
+        "| gateway | instructions per request | share of the gateway |",
+        "|---|---|---|",
+        f"| no envelope | {plain / 1000:.1f}k | {plain / whole:.1%} |",
+        (
+            f"| EnvelopeMiddleware, without its access log | +{(unlogged - plain) / 1000:.1f}k | "
+            f"{(unlogged - plain) / whole:.1%} |"
+        ),
+        f"| the access log | +{(whole - unlogged) / 1000:.1f}k | {(whole - unlogged) / whole:.1%} |",
+        f"| **the gateway as it ships** | **{whole / 1000:.1f}k** | 100% |",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -208,7 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--count", type=int, default=400, help="requests or calls per round and piece")
     parser.add_argument("--markdown", help="also write the report to this file")
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="also count instructions over N requests (needs valgrind)",
+    )
+    parser.add_argument("--one", nargs=3, metavar=("URL", "VARIANT", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:
+        configure_logging(stream=open(os.devnull, "wb"))  # noqa: SIM115, PTH123 - the process's log
+        serve_requests(args.one[0], args.one[1], int(args.one[2]))
+        return 0
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {1})  # the service is pinned to core 0
     configure_logging(stream=open(os.devnull, "wb"))  # noqa: SIM115, PTH123 - the process's log
@@ -219,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         samples = uvloop.run(measure(f"http://127.0.0.1:{port}", args.rounds, args.count))
+        counted = instructions(f"http://127.0.0.1:{port}", args.instructions) if args.instructions else None
     finally:
         stop_server(server)
     text = report(samples, args, version)
+    if counted is not None:
+        text += "\n" + "\n".join(instruction_lines(counted, args.instructions))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
