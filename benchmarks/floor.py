@@ -18,9 +18,10 @@ counts rather than guessed:
     compiled, no context   the same without structlog's three ContextVars
 
 against asgi-correlation-id and EnvelopeMiddleware (validating, context, no
-access log), the latter also with its hot-path modules compiled by mypyc
-into a temporary copy of the package, and with its access log under
-`configure_logging()` (the recommended set-up) writing to /dev/null. The
+access log), the latter also with its access log under `configure_logging()`
+(the recommended set-up) writing to /dev/null, and both of these again as the
+compiled wheel ships them (`scripts/build-wheels`: the per-request modules
+compiled by mypyc). The
 compiled layer is a measuring prototype that serves this one response shape;
 it shows what the goal asks of compiled code, and is built with the system C
 compiler when this script starts. Each stack wraps a raw
@@ -29,7 +30,7 @@ ASGI app sending a 200 B JSON body, and is run under `valgrind
 difference divided by N is repeatable to a few hundred instructions, whatever
 else the machine is doing.
 
-    python benchmarks/floor.py               # needs valgrind, a C compiler and mypyc; about 3 minutes
+    python benchmarks/floor.py               # needs valgrind and a C compiler; about 3 minutes
     python benchmarks/floor.py --markdown results/floor.md
 """
 
@@ -47,6 +48,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -221,36 +223,26 @@ def compiled_layer(app: ASGIApp, *, context: bool = True) -> ASGIApp:
     return layer
 
 
-# The hot-path modules mypyc compiles; the rest of the package stays Python.
-# The middleware's hot path: the class and the per-request exchange's modules (issue #13 split them).
-MYPYC_MODULES = [
-    "middleware.py",
-    "_exchange.py",
-    "_answering.py",
-    "_wrapping.py",
-    "_exchange_state.py",
-    "_paths.py",
-    "_keys.py",
-    "_http.py",
-    "request_id.py",
-    "_context.py",
-]
-MYPYC_STACK = "EnvelopeMiddleware, mypyc"
+WHEEL_STACK = "EnvelopeMiddleware, compiled wheel"
+WHEEL_LOGGED_STACK = "EnvelopeMiddleware + access log, compiled wheel"
 
 
-def build_mypyc_package() -> str:
-    """A copy of the package with its hot path compiled by mypyc; the folder holding it.
+def compiled_wheel_package() -> str:
+    """The compiled wheel as `scripts/build-wheels` makes it, unpacked; the folder holding it.
 
-    Whoever imports the package with this folder first on sys.path gets the compiled copy.
+    Whoever puts this folder first on sys.path imports the package as that wheel
+    ships it, with the checkout's demo beside it (no wheel carries the demo).
     """
-    folder = Path(tempfile.mkdtemp(prefix="envelope-mypyc-"))
-    shutil.copytree(
-        Path(__file__).resolve().parent.parent / "envelope_middleware", folder / "envelope_middleware"
-    )
-    mypyc = Path(sys.executable).with_name("mypyc")
-    modules = [f"envelope_middleware/{name}" for name in MYPYC_MODULES]
-    subprocess.run([str(mypyc), *modules], cwd=folder, check=True, stdout=subprocess.DEVNULL)
-    return str(folder)
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="envelope-wheel-"))
+    build = [str(root / "scripts" / "build-wheels"), str(folder / "wheels")]
+    subprocess.run(build, check=True, stdout=subprocess.DEVNULL)
+    [wheel] = (folder / "wheels").glob("envelope_middleware-*-cp*.whl")
+    package = folder / "package"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(package)
+    shutil.copytree(root / "envelope_middleware" / "demo", package / "envelope_middleware" / "demo")
+    return str(package)
 
 
 def build_compiled_layer() -> str:
@@ -280,8 +272,9 @@ STACKS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     "asgi-correlation-id": CorrelationIdMiddleware,
     "EnvelopeMiddleware": lambda app: EnvelopeMiddleware(app, access_log=False),
     "EnvelopeMiddleware + access log": EnvelopeMiddleware,
-    # The same; its process imports the package from $MYPYC_DIR (see `instructions`).
-    MYPYC_STACK: lambda app: EnvelopeMiddleware(app, access_log=False),
+    # The same two; their processes import the package from $WHEEL_DIR (see `instructions`).
+    WHEEL_STACK: lambda app: EnvelopeMiddleware(app, access_log=False),
+    WHEEL_LOGGED_STACK: EnvelopeMiddleware,
 }
 
 
@@ -319,7 +312,7 @@ def instructions(stack: str, count: int) -> int:
         env={
             **os.environ,
             "PYTHONHASHSEED": "0",
-            **({"PYTHONPATH": os.environ["MYPYC_DIR"]} if stack == MYPYC_STACK else {}),
+            **({"PYTHONPATH": os.environ["WHEEL_DIR"]} if stack in (WHEEL_STACK, WHEEL_LOGGED_STACK) else {}),
         },
     )
     found = re.search(r"Collected : (\d+)", result.stderr)
@@ -366,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         run_requests(args.one[0], int(args.one[1]))
         return 0
     os.environ["CFLOOR_DIR"] = build_compiled_layer()
-    os.environ["MYPYC_DIR"] = build_mypyc_package()
+    os.environ["WHEEL_DIR"] = compiled_wheel_package()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = list(pool.map(lambda stack: per_request(stack, args.count), STACKS))
     text = report(dict(zip(STACKS, counts, strict=True)), args.count)

@@ -1,10 +1,11 @@
 """Load test of the reference gateway: what EnvelopeMiddleware costs it (issue #11).
 
 The gateway (`python -m envelope_middleware.demo`, uvicorn with httptools and
-uvloop, one process) runs three ways, against the same backends and driven by
-the same wrk requests, and a fourth way over HTTP only:
+uvloop, one process) runs four ways, against the same backends and driven by
+the same wrk requests, and a fifth way over HTTP only:
 
     logged     the gateway as it ships: the envelope and its access log
+    wheel      logged, the package imported from the compiled wheel (scripts/build-wheels)
     unlogged   the envelope without the access log (--no-access-log)
     plain      no EnvelopeMiddleware at all (--no-envelope): the baseline
     httpx2     logged, calling its services with httpx2 (--http-client httpx2): the
@@ -49,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx2
+from floor import compiled_wheel_package
 from inprocess import code_version
 from load import AUTH, RESULTS, free_port, launch, stop_server, uvicorn_command, wrk
 from starlette.types import ASGIApp
@@ -57,6 +59,8 @@ from envelope_middleware.demo import create_backends
 
 VARIANTS = {
     "logged": ("envelope + access log", []),
+    # The same gateway importing the compiled wheel (scripts/build-wheels) instead of the checkout.
+    "wheel": ("envelope + access log, compiled wheel", []),
     "unlogged": ("envelope, no access log", ["--no-access-log"]),
     "plain": ("no envelope", ["--no-envelope"]),
     # The forwarding before issue #11 (httpx2 over HTTP): the baseline of its 2x goal.
@@ -136,7 +140,13 @@ def start_gateway(
         *VARIANTS[variant][1],
         *backend_flags,
     ]
-    process = launch(command, f"http://127.0.0.1:{port}/health", core=0)
+    ready = f"http://127.0.0.1:{port}/health"
+    if variant == "wheel":
+        # `python -m` puts the working directory first on sys.path: the unpacked wheel.
+        wheel = Path(os.environ["WHEEL_DIR"])
+        process = launch(command, ready, core=0, env={"PYTHONPATH": str(wheel)}, cwd=wheel)
+    else:
+        process = launch(command, ready, core=0)
     sizes: dict[int, int] = {}
     for page in PAGES:
         response = httpx2.get(page_url(port, page), headers=AUTH, timeout=5)
@@ -283,9 +293,10 @@ def report(rows: list[Row], args: argparse.Namespace, version: str) -> str:
         "",
     ]
     for r in rows:
-        if r.page == PAGES[0] and r.variant == "logged":
+        if r.page == PAGES[0] and r.variant in ("logged", "wheel"):
             lines.append(
-                f"- {BACKENDS[r.backends]}: {r.vs_plain:.3f} (share {1 - r.vs_plain:.1%}, rounds "
+                f"- {BACKENDS[r.backends]}, {VARIANTS[r.variant][0]}: {r.vs_plain:.3f} "
+                f"(share {1 - r.vs_plain:.1%}, rounds "
                 f"{r.vs_plain_low:.3f}-{r.vs_plain_high:.3f}): {met(r.vs_plain)}; "
                 f"by CPU time {r.vs_plain_cpu:.3f} (share {1 - r.vs_plain_cpu:.1%}): {met(r.vs_plain_cpu)}"
             )
@@ -377,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk is not installed: on Debian or Ubuntu, `apt-get install wrk`", file=sys.stderr)
         return 2
     version = code_version()  # before the gateways start: the code they load
+    os.environ["WHEEL_DIR"] = compiled_wheel_package()
     rows = measure(args)
     text = report(rows, args, version)
     print(text)

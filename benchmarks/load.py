@@ -9,7 +9,7 @@ of the server, and the ratio of requests/s to the bare app's.
     python benchmarks/load.py --duration 3 --repeats 1 --sizes 200B   # a quick look
     python benchmarks/load.py --workers 2
     python benchmarks/load.py --sizes 200B --stacks compiled   # floor.py's compiled layer, opt-in
-    python benchmarks/load.py --sizes 200B --stacks floor compiled mypyc envelope_validating
+    python benchmarks/load.py --sizes 200B --stacks floor compiled wheel envelope_validating
 
 The reference gateway, with and without the envelope, has a benchmark of its
 own: gateway_load.py.
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx2
-from floor import build_compiled_layer, build_mypyc_package
+from floor import build_compiled_layer, compiled_wheel_package
 from inprocess import code_version
 
 HERE = Path(__file__).resolve().parent
@@ -57,8 +57,9 @@ STACKS = [
 # implementation keep under load?) rather than compare stacks a user would mount:
 # floor.py's `checked` layer (the contract's required work in Python) and the same
 # in C (needs a C compiler), both serving only this benchmark's response shape;
-# and EnvelopeMiddleware, validating, compiled with mypyc from this checkout.
-OPT_IN = ["floor", "floor_logged", "compiled", "mypyc"]
+# and EnvelopeMiddleware, validating, from the compiled wheel (scripts/build-wheels),
+# with and without its access log.
+OPT_IN = ["floor", "floor_logged", "compiled", "wheel", "wheel_logged"]
 LABELS = {
     "bare": "bare Starlette",
     "correlation_id": "asgi-correlation-id",
@@ -69,10 +70,11 @@ LABELS = {
     "floor": "Python floor (floor.py's checked)",
     "floor_logged": "Python floor + one log line (floor.py)",
     "compiled": "compiled floor (C, floor.py)",
-    "mypyc": "envelope, validating, mypyc-compiled",
+    "wheel": "envelope, validating, compiled wheel",
+    "wheel_logged": "envelope, validating + access log, compiled wheel",
 }
 # The app factory in apps.py each stack is served by, where it is not the stack's own name.
-FACTORY = {"mypyc": "envelope_validating"}
+FACTORY = {"wheel": "envelope_validating", "wheel_logged": "envelope_validating_logged"}
 # The reference gateway's credentials (demo_partner:demo_secret), as wrk_auth.lua sends them.
 AUTH = {"Authorization": "Basic ZGVtb19wYXJ0bmVyOmRlbW9fc2VjcmV0"}
 
@@ -106,9 +108,9 @@ def pinned(command: list[str], core: int) -> list[str]:
 
 
 def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.Popen[bytes]:
-    # The mypyc build is a copy of the package elsewhere; `python -m` puts the working
+    # The compiled wheel is unpacked elsewhere; `python -m` puts the working
     # directory first on sys.path, so it is both that and PYTHONPATH.
-    root = Path(os.environ["MYPYC_DIR"]) if stack == "mypyc" else ROOT
+    root = Path(os.environ["WHEEL_DIR"]) if stack in FACTORY else ROOT
     # The interface is said, not detected: the compiled layer is no coroutine function.
     command = uvicorn_command(
         f"apps:{FACTORY.get(stack, stack)}", port, "--workers", str(workers), "--interface", "asgi3"
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         args.stacks.insert(0, "bare")
     if "compiled" in args.stacks:
         os.environ["CFLOOR_DIR"] = build_compiled_layer()  # inherited by the servers
-    if "mypyc" in args.stacks:
-        os.environ["MYPYC_DIR"] = build_mypyc_package()
+    if FACTORY.keys() & set(args.stacks):
+        os.environ["WHEEL_DIR"] = compiled_wheel_package()
     runs = measure(args)
     text = table(runs, args)
     print(text)

@@ -1,5 +1,8 @@
 """One response contract for an ASGI API gateway: request ids, envelopes, log correlation."""
 
+from importlib.machinery import EXTENSION_SUFFIXES
+
+from envelope_middleware import _exchange
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue, ErrorSpec
 from envelope_middleware.exceptions import (
     ApiError,
@@ -37,7 +40,12 @@ from envelope_middleware.request_id import (
 
 __version__ = "0.1.0"
 
+#: True where the middleware's per-request modules run compiled by mypyc (the platform wheel
+#: ``scripts/build-wheels`` makes), False where they run as Python (docs/performance.md).
+COMPILED: bool = _exchange.__file__.endswith(tuple(EXTENSION_SUFFIXES))
+
 __all__ = [
+    "COMPILED",
     "DEFAULT_CATALOGUE",
     "ApiError",
     "AuthForbidden",

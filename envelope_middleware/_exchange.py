@@ -75,10 +75,15 @@ class Exchange(Answering):
         """Decide what to do with the response; the start to send now, if any."""
         if self.mode != NOT_STARTED:
             raise RuntimeError("the app sent http.response.start twice")
-        headers: RawHeaders = message.get("headers") or []
-        if type(headers) is not list:
-            # ASGI allows any iterable; it is read more than once here.
-            headers = as_bytes(headers)
+        # Read untyped: ASGI allows any iterable, and the compiled build checks what a
+        # typed name holds (docs/performance.md).
+        given = message.get("headers") or []
+        headers: RawHeaders
+        if type(given) is list:
+            headers = given
+        else:
+            # It is read more than once here.
+            headers = as_bytes(given)
             message = {**message, "headers": headers}
         try:
             return self._decide(message, headers)
@@ -143,11 +148,10 @@ class Exchange(Answering):
 
     async def _on_body(self, message: Message) -> None:
         mode = self.mode
-        body: bytes = message.get("body", b"")
-        if type(body) is not bytes:
-            # A bytearray or memoryview, which servers accept: as bytes, so that sizes
-            # count bytes (a typed memoryview's len counts its items) and joins work.
-            body = bytes(body)
+        given = message.get("body", b"")
+        # A bytearray or memoryview, which servers accept: as bytes, so that sizes
+        # count bytes (a typed memoryview's len counts its items) and joins work.
+        body: bytes = given if type(given) is bytes else bytes(given)
         more: bool = message.get("more_body", False)
         held = self.held_start
         if held is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.types import Message
 
 from envelope_middleware._exchange_state import JOIN_LIMIT, PASS, WRAP_BUFFER, WRAP_STREAM, ExchangeState
@@ -46,10 +48,13 @@ class Wrapping(ExchangeState):
         self.wrapped_headers = kept
         return WRAP_BUFFER if self.middleware.validate_json else WRAP_STREAM
 
-    async def _send_wrapped(self, held: Message, body: bytes) -> None:
-        """The whole body is here and the start held: check it (validating mode), send it wrapped."""
-        if type(body) is not bytes:
-            body = bytes(body)  # a bytearray or memoryview, which servers accept
+    async def _send_wrapped(self, held: Message, given: Any) -> None:
+        """The whole body is here and the start held: check it (validating mode), send it wrapped.
+
+        `given` is the app's body as it came: a bytearray or memoryview, which servers accept,
+        becomes bytes here (Any, not bytes: the compiled build checks a typed parameter).
+        """
+        body: bytes = given if type(given) is bytes else bytes(given)
         received = len(body)
         if body.startswith(BOM):
             # RFC 8259 §8.1: a parser may ignore a BOM; inside an envelope it would be invalid.

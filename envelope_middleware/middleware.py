@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -106,8 +106,12 @@ class EnvelopeMiddleware:
         self.error_drop = BODY_HEADERS | {self.id_header}
         self.trust_request_id = trust_request_id
         self.validate_json = validate_json
-        if max_validated_size is not None and (type(max_validated_size) is not int or max_validated_size < 0):
-            raise ValueError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
+        if max_validated_size is not None:
+            # A TypeError as the compiled build's own check of the annotation gives.
+            if not isinstance(max_validated_size, int):
+                raise TypeError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
+            if max_validated_size < 0:
+                raise ValueError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
         # At least the three bytes that tell whether there is a BOM to drop.
         self.held_limit = None if max_validated_size is None else max(max_validated_size, len(BOM))
         excluded = ExcludedPaths(exclude_paths)
@@ -208,8 +212,11 @@ class EnvelopeMiddleware:
                 return incoming
         if not self.check_generated:
             return self.generate_id()
+        # Typed as what it may be: a callable from outside can return anything, and the
+        # compiled build would check a result typed str before the check below.
+        generate: Callable[[], object] = self.generate_id
         try:
-            request_id: object = self.generate_id()
+            request_id = generate()
         except Exception as exc:
             self.logger.exception("request_id_generator_failed", exc_info=exc)
             return hex_request_id()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import warnings
 
 from envelope_middleware._lines import FLUSH_DELAY, LineWriter
 from tests.test_logging_setup import Stream
@@ -62,3 +64,65 @@ def test_line_writer_flushes_at_once_in_a_thread_without_a_loop() -> None:
     thread.join()
     assert out.flushes == 1
     assert out.getvalue() == b"from a worker thread\n"
+
+
+def test_line_writer_a_threads_line_goes_out_with_the_flush_due_on_the_running_loop() -> None:
+    out = Stream()
+    writer = LineWriter(out)
+    seen: list[int] = []
+
+    async def main() -> None:
+        writer.write(b"from the loop\n")
+        thread = threading.Thread(target=writer.write, args=(b"from a worker thread\n",))
+        thread.start()
+        thread.join()
+        seen.append(out.flushes)  # the thread's line waits for the loop's flush
+        await asyncio.sleep(FLUSH_DELAY * 2)
+        seen.append(out.flushes)
+
+    asyncio.run(main())
+    assert seen == [0, 1]
+    assert out.getvalue() == b"from the loop\nfrom a worker thread\n"
+
+
+def test_line_writer_flushes_at_once_outside_a_loop_stopped_with_its_flush_pending() -> None:
+    out = Stream()
+    writer = LineWriter(out)
+
+    async def write(line: bytes) -> None:
+        writer.write(line)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(write(b"in the loop\n"))  # the loop stops, open, flush pending
+        assert out.flushes == 0
+        writer.write(b"after it stopped\n")
+        assert out.flushes == 1
+        assert out.getvalue() == b"in the loop\nafter it stopped\n"
+    finally:
+        loop.close()
+
+
+def test_line_writer_in_a_child_forked_with_a_flush_pending_flushes_its_own_lines() -> None:
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "wb")
+    writer = LineWriter(stream)
+
+    async def fork_with_a_flush_pending() -> int:
+        writer.write(b"parent\n")  # held: its flush is due on this loop
+        with warnings.catch_warnings():
+            # Python 3.12 warns of fork() in a process with threads; this child runs no thread.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: no loop runs here, so its line is flushed at once
+            writer.write(b"child\n")
+            os._exit(0)  # no exit handlers, no buffers flushed: only what was written
+        return pid
+
+    pid = asyncio.run(fork_with_a_flush_pending())
+    assert os.waitpid(pid, 0)[1] == 0
+    stream.close()
+    with os.fdopen(read_end, "rb") as pipe:
+        written = pipe.read()
+    # The child's flush wrote the parent's held line too: they share the copied buffer.
+    assert written.count(b"child\n") == 1

@@ -16,7 +16,6 @@ from structlog.testing import LogCapture
 
 from envelope_middleware import EnvelopeMiddleware, RequestIdFilter, ResourceNotFound, get_request_id
 from envelope_middleware import _context as context_module
-from envelope_middleware import middleware as middleware_module
 from envelope_middleware._context import context_merger, structlog_context_vars
 from tests.conftest import JSON, body, call, make_scope, plain_structlog, scripted, start
 
@@ -202,7 +201,12 @@ async def test_logging_through_structlog_stdlib_integration(caplog: pytest.LogCa
 async def test_logging_falls_back_to_structlog_public_api_when_its_registry_is_out_of_reach(
     logs: LogCapture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(middleware_module, "structlog_context_vars", lambda: None)
+    # A structlog whose registry has moved: only the public API is there.
+    public_only = types.SimpleNamespace(
+        bind_contextvars=structlog.contextvars.bind_contextvars,
+        reset_contextvars=structlog.contextvars.reset_contextvars,
+    )
+    monkeypatch.setattr(context_module, "structlog_contextvars", public_only)
     mw = EnvelopeMiddleware(chatty_app)
     assert mw.context_vars is None
     bind_contextvars(tenant="acme")

@@ -1,0 +1,39 @@
+"""The build: ``COMPILED`` says truly which build of the hot path is running.
+
+scripts/test runs the suite twice, once on the checkout (pure Python, with coverage) and once on
+the compiled wheel with ``ENVELOPE_EXPECT_COMPILED=1``; these tests fail if either run is
+not on the build it claims to test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+import envelope_middleware
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def compiled_modules() -> list[str]:
+    """The modules the wheel's mypyc hook compiles, as pyproject.toml lists them."""
+    config = tomllib.loads(PYPROJECT.read_text())
+    hook = config["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"]["mypyc"]
+    return [path.strip("/").removesuffix(".py").replace("/", ".") for path in hook["include"]]
+
+
+def test_compiled_matches_the_build_this_run_expects() -> None:
+    expected = os.environ.get("ENVELOPE_EXPECT_COMPILED") == "1"
+    assert envelope_middleware.COMPILED is expected
+
+
+def test_compiled_build_covers_every_module_the_hook_lists() -> None:
+    modules = compiled_modules()
+    assert "envelope_middleware.middleware" in modules
+    for name in modules:
+        module_file = importlib.import_module(name).__file__
+        assert module_file is not None
+        assert module_file.endswith(tuple(EXTENSION_SUFFIXES)) is envelope_middleware.COMPILED, name
