@@ -81,8 +81,9 @@ class Failure:
     code: str
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
-    # Values as the exception gave them: numbers are written out, unusable ones dropped.
-    headers: Mapping[str, object] = field(default_factory=dict)
+    # As the exception gave them (an HTTPException keeps what it is given): number values
+    # are written out, unusable names and values dropped when the answer is written.
+    headers: Mapping[Any, Any] = field(default_factory=dict)
     # How the log tells of it: "quiet" (the access line is enough), "warning" for
     # a mapped exception such as a backend timeout, "error" for an unhandled one.
     log: Literal["quiet", "warning", "error"] = "quiet"
@@ -246,14 +247,14 @@ class ErrorPolicy:
         return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
 
 
-def _as_headers(value: object) -> Mapping[str, object]:
+def _as_headers(value: object) -> Mapping[Any, Any]:
     # The one place exception headers become a Failure's: a mapping as it is,
     # (name, value) pairs as the mapping they spell (HTTPException keeps what it
     # was given; a subclass may replace an ApiError's), anything else dropped.
     if value is None or isinstance(value, Mapping):
         return value or {}
     try:
-        pairs: dict[str, object] = dict(value)  # type: ignore[call-overload]  # checked at run time
+        pairs: dict[Any, Any] = dict(value)  # type: ignore[call-overload]  # checked at run time
     except (TypeError, ValueError):
         return {}
     return pairs

@@ -152,7 +152,8 @@ class Exchange(Answering):
         # A bytearray or memoryview, which servers accept: as bytes, so that sizes
         # count bytes (a typed memoryview's len counts its items) and joins work.
         body: bytes = given if type(given) is bytes else bytes(given)
-        more: bool = message.get("more_body", False)
+        # Any truthy value, as the pure build reads it (the compiled one checks a bool).
+        more = bool(message.get("more_body", False))
         held = self.held_start
         if held is None:
             if mode == WRAP_STREAM:

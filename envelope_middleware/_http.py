@@ -120,11 +120,14 @@ def is_json_media_type(content_type: bytes) -> bool:
     return result
 
 
-def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of `name` (lowercase) in raw ASGI headers, or None."""
+def header_value(headers: Iterable[Any], name: bytes) -> bytes | None:
+    """The first value of `name` (lowercase) in raw ASGI headers, or None.
+
+    Read as a server gives them: pairs may be lists (Mangum's are), values bytes-like.
+    """
     for key, value in headers:
         if key.lower() == name:
-            return value
+            return bytes(value)
     return None
 
 
@@ -159,9 +162,11 @@ def is_int_status(status: object) -> TypeGuard[int]:
     return isinstance(status, int) and type(status) is not bool
 
 
-def as_bytes(headers: Iterable[tuple[Any, Any]]) -> RawHeaders:
+def as_bytes(headers: Iterable[Any]) -> RawHeaders:
     # bytes-like names and values as bytes; anything else (str, int) is the app's
-    # bug and raises here rather than becoming zero bytes.
+    # bug and raises here rather than becoming zero bytes. Pairs are untyped: ASGI's
+    # are any two-item iterables (lists, from some servers and apps), and the compiled
+    # build would refuse what a tuple annotation does not admit.
     return [(bytes(memoryview(name)), bytes(memoryview(value))) for name, value in headers]
 
 

@@ -15,8 +15,10 @@ second, and an idle gateway's line still reaches the stream within that moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import threading
 import time
 from typing import Any, BinaryIO, Final
 
@@ -32,52 +34,71 @@ FLUSH_DELAY: Final = 0.05
 class LineWriter:
     """Write lines to `stream`, flushed FLUSH_DELAY seconds after the first one held.
 
-    The flush is scheduled on the running loop; outside one, with no flush due on a
-    running loop, a line is flushed at once. A thread's line written while a loop's
-    flush is due goes out with that flush.
-
-    Lines are as durable as the process: one killed (SIGKILL) loses the lines of
-    its last FLUSH_DELAY seconds, which a line-by-line flush would have written.
-    `flush()` writes what is held (configure_logging calls it at exit).
+    On a running loop's thread the flush is scheduled on that loop; anywhere
+    else (a thread, a script) a line is flushed at once. Lines are as durable
+    as the process: one killed (SIGKILL) loses the lines of its last
+    FLUSH_DELAY seconds, which a line-by-line flush would have written.
+    `flush()` writes what is held (configure_logging calls it at exit, and
+    before the process forks, so that a child does not write the parent's lines).
     """
 
-    __slots__ = ("_flush", "_flushing_on", "_write")
+    # Not `_thread`: mypyc names the C field `__thread`, a C keyword.
+    __slots__ = ("_flush", "_flushing_on", "_loop_thread", "_write")
 
     def __init__(self, stream: BinaryIO) -> None:
         self._write = stream.write
         self._flush = stream.flush
-        # The loop a flush is scheduled on, None when none is.
+        # The loop a flush is scheduled on (None when none is), and its thread.
         self._flushing_on: asyncio.AbstractEventLoop | None = None
-        # A child forked while a flush was due has the parent's loop, which looks running
-        # and never runs there: the child's first line schedules its own flush.
-        os.register_at_fork(after_in_child=self._forget_flush)
+        self._loop_thread = 0
+        _WRITERS.append(self)
 
     def write(self, line: bytes) -> None:
         self._write(line)
         pending = self._flushing_on
-        # A flush is due on a loop that runs: nothing to do. Asked of that loop, not of
-        # asyncio._get_running_loop(): CPython's checks getpid() on every call, a system
-        # call that costs the loaded gateway as much as the rest of the line (issue #11).
-        # A loop closed with its flush pending (asyncio.run's end) never runs it, and a
-        # stopped one may not run again: the line is flushed on the loop running now.
-        if pending is None or not pending.is_running():
+        # Held if a flush is due on a loop running on this thread. Asked of that loop and
+        # of the thread, not of asyncio._get_running_loop(): CPython 3.11's calls getpid(),
+        # a system call, every time, and this runs for every line (issue #11). A loop
+        # closed with its flush pending (asyncio.run's end) never runs it, a stopped one
+        # may not run again, and another thread's loop may be blocked: then the line is
+        # flushed on this thread's loop, or at once.
+        if pending is None or self._loop_thread != threading.get_ident() or not pending.is_running():
             self._schedule()
 
     def _schedule(self) -> None:
         loop = asyncio._get_running_loop()  # noqa: SLF001 - public in asyncio.events, re-exported
         if loop is None:
-            self._flushing_on = None
             self._flush()  # a thread or a script: nothing will flush it later
         else:
+            # Not the loop a flush is due on, or not on its thread: `write` checked.
             self._flushing_on = loop
+            self._loop_thread = threading.get_ident()
             loop.call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         self._flushing_on = None
         self._flush()
 
-    def _forget_flush(self) -> None:  # pragma: no cover - runs in a forked child, ended by os._exit
-        self._flushing_on = None
+
+# Every writer, for the fork hooks below: a process normally has one, from configure_logging().
+_WRITERS: list[LineWriter] = []
+
+
+def _flush_before_fork() -> None:
+    for writer in _WRITERS:
+        # A stream its owner closed has nothing left to write.
+        with contextlib.suppress(ValueError, OSError):
+            writer.flush()
+
+
+def _forget_flushes_in_child() -> None:  # pragma: no cover - runs in a forked child, ended by os._exit
+    # The parent's loop looks running to the child, which may never run it: the
+    # child's first line schedules its own flush, or is flushed at once.
+    for writer in _WRITERS:
+        writer._flushing_on = None  # noqa: SLF001 - the module's own class
+
+
+os.register_at_fork(before=_flush_before_fork, after_in_child=_forget_flushes_in_child)
 
 
 # structlog's method names as the level each line states (structlog's add_log_level does the same).

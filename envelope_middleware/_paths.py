@@ -34,7 +34,7 @@ class ExcludedPaths:
         # Paths are the app's own: a mount point or a proxy's root_path in front
         # of them (which servers and Starlette put into scope["path"]) is not.
         path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
+        root_path = scope.get("root_path")  # untyped: None is as good as "" here
         # Only a whole leading segment is the root: with root_path "/h", "/health" is
         # the app's own path, as Starlette's router reads it.
         if root_path and (path == root_path or path.startswith(root_path + "/")):

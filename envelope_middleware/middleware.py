@@ -106,8 +106,19 @@ class EnvelopeMiddleware:
         self.error_drop = BODY_HEADERS | {self.id_header}
         self.trust_request_id = trust_request_id
         self.validate_json = validate_json
+        for name, flag in (
+            ("trust_request_id", trust_request_id),
+            ("validate_json", validate_json),
+            ("access_log", access_log),
+            ("bind_contextvars", bind_contextvars),
+        ):
+            # Refused in both builds, as the compiled one refuses it by the annotation:
+            # a 0 or 1 from a settings file is more likely a mistake than a choice.
+            if type(flag) is not bool:
+                raise TypeError(f"{name} is True or False, not {flag!r}")
         if max_validated_size is not None:
-            # A TypeError as the compiled build's own check of the annotation gives.
+            # A TypeError as the compiled build's own check of the annotation gives
+            # (True passes that check as 1, and so passes here).
             if not isinstance(max_validated_size, int):
                 raise TypeError(f"max_validated_size is a number of bytes or None: {max_validated_size!r}")
             if max_validated_size < 0:
@@ -228,7 +239,7 @@ class EnvelopeMiddleware:
         return request_id
 
     def _incoming_request_id(self, scope: Scope) -> str | None:
-        found: bytes | None = None
+        found: Any = None  # bytes-like, as a server gives it
         for name, value in scope["headers"]:
             if name.lower() == self.id_header:
                 if found is not None:
@@ -237,7 +248,7 @@ class EnvelopeMiddleware:
         if found is None:
             return None
         try:
-            candidate = found.decode("ascii").strip(" \t")  # RFC 9110 §5.5: OWS around values
+            candidate = bytes(found).decode("ascii").strip(" \t")  # RFC 9110 §5.5: OWS around values
         except UnicodeDecodeError:
             return None
         return candidate if is_safe_request_id(candidate) else None

@@ -31,7 +31,7 @@ from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
 from envelope_middleware import EnvelopeMiddleware
-from tests.conftest import JSON, assert_error, body, call, envelope, scripted, start, zerocopy
+from tests.conftest import JSON, assert_error, body, call, envelope, make_scope, scripted, start, zerocopy
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -284,3 +284,58 @@ async def test_envelope_a_body_after_a_refused_start_is_refused_too() -> None:
     sent = await call(EnvelopeMiddleware(app))
     assert sent.status == 500  # the body without a start is the app's bug, answered, not passed on
     assert b"hello" not in sent.body
+
+
+# What ASGI allows and servers or apps send, beyond what the annotations say. The compiled
+# build checks annotations at run time (tests/test_build.py), so each of these once failed
+# there alone.
+
+
+@pytest.mark.parametrize("status", [200, 302, 404])
+async def test_envelope_reads_response_header_pairs_given_as_lists(status: int) -> None:
+    # ASGI's headers are an iterable of two-item iterables: lists are pairs too.
+    headers = [[b"content-type", b"application/json"], [b"x-trace", b"t1"]]
+    app = scripted({"type": "http.response.start", "status": status, "headers": headers}, body(b"{}"))
+    sent = await call(envelope(app))
+    assert sent.status == status
+    assert sent.header("x-trace") == "t1"  # kept by every mode
+    if status == 200:
+        assert sent.json()["data"] == {}
+    if status == 404:
+        assert_error(sent, 404, "resource_not_found")
+
+
+@pytest.mark.parametrize("status", [401, 500])
+async def test_envelope_reads_request_header_pairs_given_as_lists(status: int) -> None:
+    # Mangum (API Gateway, Lambda) gives the scope's headers as lists.
+    scope = make_scope(headers=[("authorization", "Bearer t")])
+    scope["headers"] = [[name, bytearray(value)] for name, value in scope["headers"]]
+    app = scripted(start(status, [(b"content-type", b"text/plain")]), body(b"no"))
+    sent = await call(envelope(app), scope=scope)
+    assert_error(sent, status, "auth_invalid_credential" if status == 401 else "internal")
+
+
+async def test_envelope_trusts_an_incoming_id_given_as_a_bytearray() -> None:
+    scope = make_scope(headers=[("x-request-id", "abc-123")])
+    scope["headers"] = [(name, bytearray(value)) for name, value in scope["headers"]]
+    sent = await call(envelope(scripted(start(200, [JSON]), body(b"{}")), trust_request_id=True), scope=scope)
+    assert sent.header("x-request-id") == "abc-123"
+
+
+@pytest.mark.parametrize("validate_json", [True, False])
+async def test_envelope_reads_a_more_body_that_is_any_truthy_value(validate_json: bool) -> None:
+    app = scripted(
+        start(200, [JSON]),
+        {"type": "http.response.body", "body": b'{"a":', "more_body": 1},
+        {"type": "http.response.body", "body": b"1}", "more_body": 0},
+    )
+    sent = await call(envelope(app, validate_json=validate_json))
+    assert sent.json() == {"request_id": sent.header("x-request-id"), "data": {"a": 1}}
+
+
+async def test_envelope_excluded_paths_read_a_root_path_of_none() -> None:
+    scope = make_scope(path="/health")
+    scope["root_path"] = None
+    app = envelope(scripted(start(200, [JSON]), body(b"{}")), exclude_paths=["/health"])
+    sent = await call(app, scope=scope)
+    assert sent.body == b"{}"

@@ -124,6 +124,18 @@ async def test_envelope_writes_numeric_exception_headers_and_drops_unusable_ones
     assert sent.header("x-none") is None
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [{b"retry-after": b"5"}, [(b"retry-after", "5")], {1: "5"}],
+    ids=["bytes-mapping", "bytes-name-pairs", "int-name"],
+)
+async def test_envelope_drops_exception_headers_whose_names_are_not_text(headers: Any) -> None:
+    # HTTPException keeps whatever headers it is given; names that are no str are dropped.
+    sent = await call(envelope(raising(HTTPException(429, headers=headers))))
+    assert_error(sent, 429, "rate_limited")
+    assert sent.header("retry-after") is None
+
+
 @pytest.mark.parametrize("value", ['Basic realm="a\x0bb"', "a\x7fb", "tab\tok"])
 async def test_envelope_refuses_control_characters_in_exception_headers(value: str) -> None:
     sent = await call(

@@ -83,6 +83,14 @@ def test_envelope_refuses_a_max_validated_size_that_is_not_an_int(size: Any) -> 
         EnvelopeMiddleware(scripted(), max_validated_size=size)
 
 
+@pytest.mark.parametrize("option", ["trust_request_id", "validate_json", "access_log", "bind_contextvars"])
+@pytest.mark.parametrize("value", [0, 1, None, "yes"])
+def test_envelope_refuses_a_flag_that_is_not_a_bool(option: str, value: Any) -> None:
+    # The compiled build refuses it by its annotation, in mypyc's words.
+    with pytest.raises(TypeError, match=rf"{option} is True or False|bool object expected"):
+        EnvelopeMiddleware(scripted(), **{option: value})
+
+
 def test_envelope_refuses_a_stdlib_logger_it_could_not_call() -> None:
     stdlib = logging.getLogger("gateway")
     for logger in (stdlib, logging.LoggerAdapter(stdlib)):
