@@ -142,9 +142,10 @@ def start_gateway(
     ]
     ready = f"http://127.0.0.1:{port}/health"
     if variant == "wheel":
-        # `python -m` puts the working directory first on sys.path: the unpacked wheel.
-        wheel = Path(os.environ["WHEEL_DIR"])
-        process = launch(command, ready, core=0, env={"PYTHONPATH": str(wheel)}, cwd=wheel)
+        # `python -m` puts the working directory first on sys.path: the unpacked wheel, in
+        # the checkout's place. No PYTHONPATH: one more entry on sys.path would cost every
+        # failed import (httpx2's in-process transport tries one per request) a lookup more.
+        process = launch(command, ready, core=0, cwd=Path(os.environ["WHEEL_DIR"]))
     else:
         process = launch(command, ready, core=0)
     sizes: dict[int, int] = {}
