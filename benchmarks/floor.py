@@ -31,7 +31,7 @@ difference divided by N is repeatable to a few hundred instructions, whatever
 else the machine is doing.
 
     python benchmarks/floor.py               # needs valgrind and a C compiler; about 3 minutes
-    python benchmarks/floor.py --markdown results/floor.md
+    python benchmarks/floor.py --markdown benchmarks/results/floor.md
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ gateway without the envelope is Starlette's routing, request and response
 objects, and the event loop.
 
     python benchmarks/gateway_profile.py                 # about two minutes
-    python benchmarks/gateway_profile.py --markdown results/gateway_profile.md
+    python benchmarks/gateway_profile.py --markdown benchmarks/results/gateway_profile.md
     python benchmarks/gateway_profile.py --instructions 300   # also callgrind's count (valgrind)
 
 Only loopback addresses are used.
