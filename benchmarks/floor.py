@@ -294,17 +294,15 @@ def run_requests(stack: str, count: int) -> None:
     asyncio.run(requests())
 
 
-def instructions(stack: str, count: int) -> int:
+def callgrind_count(script: str, *arguments: str, wheel: bool = False) -> int:
+    """Instructions `python script arguments...` runs under callgrind, with a fixed hash seed.
+
+    With `wheel`, the process imports the package from the compiled wheel in $WHEEL_DIR.
+    """
     result = subprocess.run(
         [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            "--one",
-            stack,
-            str(count),
+            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+            *(sys.executable, script, *arguments),
         ],
         capture_output=True,
         text=True,
@@ -312,13 +310,19 @@ def instructions(stack: str, count: int) -> int:
         env={
             **os.environ,
             "PYTHONHASHSEED": "0",
-            **({"PYTHONPATH": os.environ["WHEEL_DIR"]} if stack in (WHEEL_STACK, WHEEL_LOGGED_STACK) else {}),
+            **({"PYTHONPATH": os.environ["WHEEL_DIR"]} if wheel else {}),
         },
     )
     found = re.search(r"Collected : (\d+)", result.stderr)
     if found is None:  # pragma: no cover - valgrind changed its report
         raise RuntimeError(f"no instruction count in valgrind's output:\n{result.stderr}")
     return int(found.group(1))
+
+
+def instructions(stack: str, count: int) -> int:
+    return callgrind_count(
+        __file__, "--one", stack, str(count), wheel=stack in (WHEEL_STACK, WHEEL_LOGGED_STACK)
+    )
 
 
 def per_request(stack: str, count: int) -> float:

@@ -31,9 +31,7 @@ import contextlib
 import os
 import platform
 import random
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from floor import LoggedLayer, compiled_wheel_package
+from floor import LoggedLayer, callgrind_count, compiled_wheel_package
 from inprocess import code_version
 from load import free_port, launch, stop_server, uvicorn_command
 from starlette.requests import Request
@@ -244,26 +242,10 @@ def instructions(url: str, count: int) -> dict[str, float]:
     """
     per_request: dict[str, float] = {}
     for variant in INSTRUCTION_VARIANTS:
-        counts = []
-        for n in (0, count):
-            result = subprocess.run(
-                [
-                    *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
-                    *(sys.executable, __file__, "--one", url, variant, str(n)),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={
-                    **os.environ,
-                    "PYTHONHASHSEED": "0",
-                    **({"PYTHONPATH": os.environ["WHEEL_DIR"]} if variant == WHEEL else {}),
-                },
-            )
-            found = re.search(r"Collected : (\d+)", result.stderr)
-            if found is None:  # pragma: no cover - valgrind changed its report
-                raise RuntimeError(f"no instruction count in valgrind's output:\n{result.stderr}")
-            counts.append(int(found.group(1)))
+        counts = [
+            callgrind_count(__file__, "--one", url, variant, str(n), wheel=variant == WHEEL)
+            for n in (0, count)
+        ]
         per_request[variant] = (counts[1] - counts[0]) / count
     return per_request
 
