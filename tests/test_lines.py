@@ -69,18 +69,20 @@ def test_line_writer_flushes_at_once_in_a_thread_without_a_loop() -> None:
 def test_line_writer_flushes_a_threads_line_at_once_while_the_loop_holds_its_own() -> None:
     out = Stream()
     writer = LineWriter(out)
-    seen: list[bytes] = []
+    seen: list[int] = []
 
     async def main() -> None:
         writer.write(b"from the loop\n")
+        seen.append(out.flushes)  # held: its flush is due on this loop
         # The loop is blocked here, joining: the thread's line must not wait for it.
         thread = threading.Thread(target=writer.write, args=(b"from a worker thread\n",))
         thread.start()
         thread.join()
-        seen.append(out.getvalue())
+        seen.append(out.flushes)
 
     asyncio.run(main())
-    assert seen == [b"from the loop\nfrom a worker thread\n"]
+    assert seen == [0, 1]
+    assert out.getvalue() == b"from the loop\nfrom a worker thread\n"
 
 
 def test_line_writer_flushes_at_once_outside_a_loop_stopped_with_its_flush_pending() -> None:
