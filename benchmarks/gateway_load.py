@@ -52,7 +52,7 @@ from pathlib import Path
 import httpx2
 from floor import compiled_wheel_package
 from inprocess import code_version
-from load import AUTH, RESULTS, free_port, launch, stop_server, uvicorn_command, wrk
+from load import AUTH, RESULTS, cpu_seconds, free_port, launch, stop_server, uvicorn_command, wrk
 from starlette.types import ASGIApp
 
 from envelope_middleware.demo import create_backends
@@ -210,13 +210,6 @@ def drive(url: str, process: subprocess.Popen[bytes], args: argparse.Namespace) 
     result["cpu_us"] = cpu / result["requests"] * 1e6
     result["busy"] = cpu / elapsed
     return result
-
-
-def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
-    """User and system CPU time of the process, all its threads, from /proc."""
-    # The fields after the command's closing parenthesis start at the third, the state.
-    fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summarise(samples: dict[Cell, list[dict[str, float]]], cell: Cell, body_bytes: int) -> Row:

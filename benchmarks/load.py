@@ -92,6 +92,12 @@ class Run:
     # Median over rounds of (this stack's req/s / the bare app's in the same round):
     # pairing cancels the drift between rounds that a ratio of medians keeps.
     vs_bare: float
+    # The server's own CPU time per request, and the median over rounds of the bare
+    # app's over this one's: the req/s ratio that CPU time allows. A busy neighbour
+    # slows a server down without making its requests take more of its own CPU time,
+    # so on a shared machine this ratio moves less than the req/s one.
+    cpu_us: float
+    vs_bare_cpu: float
     round_rps: list[float] = field(default_factory=list)  # each round's req/s, in round order
 
 
@@ -188,6 +194,13 @@ def peak_rss_mb(process: subprocess.Popen[bytes]) -> float:
     return total_kb / 1024
 
 
+def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
+    """User and system CPU time of the process, all its threads, from /proc."""
+    # The fields after the command's closing parenthesis start at the third, the state.
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_server(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGINT)
     try:
@@ -251,7 +264,9 @@ def measure(args: argparse.Namespace) -> list[Run]:
                 try:
                     url = f"http://127.0.0.1:{port}/orders"
                     wrk(url, 1, args.connections, args.threads)  # warm-up
+                    cpu = cpu_seconds(process)
                     result = wrk(url, args.duration, args.connections, args.threads)
+                    result["cpu_us"] = (cpu_seconds(process) - cpu) / result["requests"] * 1e6
                     rss[stack] = max(rss.get(stack, 0.0), peak_rss_mb(process))
                 finally:
                     stop_server(process)
@@ -261,7 +276,7 @@ def measure(args: argparse.Namespace) -> list[Run]:
                     f"p50 {result['p50']:.2f} ms p99 {result['p99']:.2f} ms",
                     file=sys.stderr,
                 )
-        bare = [s["rps"] for s in samples["bare"]]
+        bare = samples["bare"]
         runs.extend(
             Run(
                 stack=stack,
@@ -273,7 +288,11 @@ def measure(args: argparse.Namespace) -> list[Run]:
                 non_2xx=int(sum(s["non_2xx"] for s in samples[stack])),
                 errors=int(sum(s["errors"] for s in samples[stack])),
                 vs_bare=statistics.median(
-                    s["rps"] / base for s, base in zip(samples[stack], bare, strict=True)
+                    s["rps"] / base["rps"] for s, base in zip(samples[stack], bare, strict=True)
+                ),
+                cpu_us=statistics.median(s["cpu_us"] for s in samples[stack]),
+                vs_bare_cpu=statistics.median(
+                    base["cpu_us"] / s["cpu_us"] for s, base in zip(samples[stack], bare, strict=True)
                 ),
                 round_rps=[s["rps"] for s in samples[stack]],
             )
@@ -290,15 +309,21 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
             f"uvicorn ({args.workers} worker(s), httptools, uvloop) on core 0, "
             f"`wrk -t{args.threads} -c{args.connections} -d{args.duration}s` on core 1; "
             f"median of {args.repeats} interleaved rounds; vs bare is the median of the "
-            "per-round ratios to the bare app."
+            "per-round ratios to the bare app; CPU is the server's own CPU time per request "
+            "(/proc), and its vs bare the bare app's over the stack's, per round: the ratio "
+            "that CPU time allows, which a busy neighbour on the machine moves less."
         ),
         "",
-        "| size | stack | req/s | vs bare | p50 ms | p99 ms | peak RSS MiB | non-2xx | socket errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        (
+            "| size | stack | req/s | vs bare | CPU µs/request | vs bare by CPU | p50 ms | p99 ms "
+            "| peak RSS MiB | non-2xx | socket errors |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines.extend(
-        f"| {r.size} | {LABELS[r.stack]} | {r.requests_per_s:.0f} | {r.vs_bare:.2f} | {r.p50_ms:.2f} | "
-        f"{r.p99_ms:.2f} | {r.peak_rss_mb:.0f} | {r.non_2xx} | {r.errors} |"
+        f"| {r.size} | {LABELS[r.stack]} | {r.requests_per_s:.0f} | {r.vs_bare:.2f} | {r.cpu_us:.1f} | "
+        f"{r.vs_bare_cpu:.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.peak_rss_mb:.0f} | "
+        f"{r.non_2xx} | {r.errors} |"
         for r in runs
     )
     return "\n".join(lines)

@@ -14,14 +14,14 @@ import atexit
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 import structlog
 from structlog.typing import Processor
 
 from envelope_middleware._context import Merge, context_merger
-from envelope_middleware._lines import LineWriter, render, render_text, stamp
+from envelope_middleware._lines import JSON_LINES_LOGGERS, JsonLines, LineWriter, render, render_text, stamp
 from envelope_middleware.request_id import get_request_id
 
 __all__ = ["EventLogger", "RequestIdFilter", "configure_logging"]
@@ -162,13 +162,11 @@ class _LineHandler(logging.Handler):
             self.handleError(record)
 
 
-def _bound_logger_class(min_level: int, chain: Sequence[Processor], merge: Merge) -> type[Any]:
+def _bound_logger_class(min_level: int, chain: list[Processor], merge: Merge) -> type[Any]:
     """structlog's filtering logger for `min_level`, with a short `info` for `chain`.
 
-    structlog's dispatch takes two calls, copies the context and checks what
-    the last processor returned, for any processors. `info` (the access
-    event's level, once per request) runs `chain`'s three steps, the last of
-    which returns the line, in one call. The other levels, and `info` with
+    `info` (the access event's level, once per request) runs `chain` through
+    `JsonLines`. The other levels, and `info` with positional arguments or
     any other processors (`capture_logs` in tests, a later `configure`), take
     structlog's own path.
     """
@@ -176,16 +174,13 @@ def _bound_logger_class(min_level: int, chain: Sequence[Processor], merge: Merge
     if min_level > logging.INFO:
         return filtering
     generic_info: Callable[..., Any] = filtering.info
-    # Compared by value: capture_logs() swaps the processors inside the same list.
-    expected = list(chain)
+    lines = JsonLines(chain, merge)
 
     def info(self: Any, event: str, *args: Any, **fields: Any) -> Any:
-        if args or self._processors != expected:
+        if args or not lines.write(self, event, fields):
             return generic_info(self, event, *args, **fields)
-        # The fields' dict is this call's own: no copy unless there is context to put first.
-        event_dict = {**self._context, **fields} if self._context else fields
-        event_dict["event"] = event
-        logger = self._logger
-        return logger.info(render(logger, "info", stamp(logger, "info", merge(logger, "info", event_dict))))
+        return None
 
-    return type("JsonLinesBoundLogger", (filtering,), {"info": info, "msg": info})
+    bound: type[Any] = type("JsonLinesBoundLogger", (filtering,), {"info": info, "msg": info})
+    JSON_LINES_LOGGERS[bound] = lines
+    return bound

@@ -22,6 +22,7 @@ from envelope_middleware._http import (
     WRAPPED_BODY_HEADERS,
 )
 from envelope_middleware._keys import HANDED_OVER_KEY, SCOPE_KEY
+from envelope_middleware._lines import JSON_LINES_LOGGERS
 from envelope_middleware._paths import ExcludedPaths
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
 from envelope_middleware.logging import EventLogger
@@ -195,17 +196,22 @@ class EnvelopeMiddleware:
             try:
                 if self.access_log:
                     lazy_logger = self.lazy_logger
-                    (lazy_logger.bind() if lazy_logger is not None else self.logger).info(
-                        "http_request",
-                        request_id=request_id,
-                        method=scope["method"],
-                        path=scope["path"],
-                        status=exchange.status,
-                        error_code=exchange.error_code,
+                    logger = lazy_logger.bind() if lazy_logger is not None else self.logger
+                    fields = {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": exchange.status,
+                        "error_code": exchange.error_code,
                         # Whole microseconds as milliseconds: round() costs more than the rest of this call.
-                        duration_ms=(time.perf_counter_ns() - started) // 1000 / 1000,
-                        bytes_sent=exchange.bytes_sent,
-                    )
+                        "duration_ms": (time.perf_counter_ns() - started) // 1000 / 1000,
+                        "bytes_sent": exchange.bytes_sent,
+                    }
+                    # configure_logging()'s loggers take the fields as they are: the
+                    # keyword call costs a fifth of the event (issue #11).
+                    lines = JSON_LINES_LOGGERS.get(type(logger))
+                    if lines is None or not lines.write(logger, "http_request", fields):
+                        logger.info("http_request", **fields)
             finally:
                 # Even a failing log call must not leave this request's context behind.
                 if context_vars is not None:

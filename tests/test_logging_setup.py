@@ -17,6 +17,8 @@ import orjson
 import pytest
 import structlog
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,8 +27,8 @@ from starlette.testclient import TestClient
 from structlog.contextvars import bound_contextvars
 
 from envelope_middleware import EnvelopeMiddleware, configure_logging
-from envelope_middleware._lines import FLUSH_DELAY
-from tests.conftest import plain_structlog
+from envelope_middleware._lines import FLUSH_DELAY, render
+from tests.conftest import body, drive, plain_structlog, scripted, start
 
 
 def app_log() -> Any:
@@ -198,6 +200,65 @@ def test_configure_logging_leaves_structlogs_capture_logs_working(stream: Stream
         app_log().info("captured", n=1)
     assert captured == [{"event": "captured", "n": 1, "log_level": "info"}]
     assert stream.getvalue() == b""
+
+
+# Keys an app or a logger may bind, the access event's own among them.
+_CONTEXT = st.dictionaries(
+    st.sampled_from(["tenant", "event", "status", "request_id", "level", "path", "trace"]),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=6),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+        max_leaves=5,
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bound=_CONTEXT,
+    logger_context=_CONTEXT,
+    status=st.sampled_from([200, 201, 204, 404, 409, 500, 503]),
+    path=st.text(min_size=1, max_size=12).map(lambda text: "/" + text),
+)
+def test_configure_logging_access_line_is_what_structlogs_own_dispatch_writes(
+    bound: dict[str, Any], logger_context: dict[str, Any], status: int, path: str
+) -> None:
+    # The middleware writes its access event straight through configure_logging's
+    # processors; with them wrapped, structlog dispatches the same event itself.
+    payload = b"" if status == 204 else b'{"n":1}'
+    answer = [start(status, [(b"content-type", b"application/json")]), body(payload)]
+    with configured() as out:
+        logger = structlog.get_logger("gateway").bind(**logger_context)
+        app = EnvelopeMiddleware(scripted(*answer), logger=logger, trust_request_id=True)
+        headers = [("x-request-id", "partner-retry-7")]
+        processors = structlog.get_config()["processors"]
+        chain = processors[:]
+        with bound_contextvars(**bound):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(type(logger), "info", _not_called)
+                drive(app, "GET", path, headers=headers)
+            processors[:] = [*chain[:-1], _render_too]
+            try:
+                drive(app, "GET", path, headers=headers)
+            finally:
+                processors[:] = chain
+        direct, dispatched = (line for line in out.lines() if line["event"] == "http_request")
+    for line in (direct, dispatched):
+        assert isinstance(line.pop("timestamp"), float)
+        assert isinstance(line.pop("duration_ms"), float)
+    assert list(direct.items()) == list(dispatched.items())  # the same fields, in the same order
+    assert direct["request_id"] == "partner-retry-7"
+    assert direct["status"] == status
+
+
+def _render_too(logger: Any, method_name: str, event_dict: Any) -> bytes:
+    # configure_logging's last step under another name: no longer its processors.
+    return render(logger, method_name, event_dict)
+
+
+def _not_called(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the access event went through the logger's info()")
 
 
 async def test_configure_logging_writes_a_busy_moments_lines_in_one_flush(stream: Stream) -> None:
