@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def pinned(command: list[str], core: int) -> list[str]:
     return command
 
 
-def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.Popen[bytes]:
+def start_server(
+    stack: str, size: str, port: int, workers: int, *, under: Sequence[str] = (), timeout: float = 30
+) -> subprocess.Popen[bytes]:
+    """Serve `stack` at `size` on `port`; `under` is a command the server runs under (valgrind)."""
     # The compiled wheel is unpacked elsewhere; `python -m` puts the working
     # directory first on sys.path, so it is both that and PYTHONPATH.
     root = Path(os.environ["WHEEL_DIR"]) if stack in FACTORY else ROOT
@@ -122,11 +126,18 @@ def start_server(stack: str, size: str, port: int, workers: int) -> subprocess.P
         f"apps:{FACTORY.get(stack, stack)}", port, "--workers", str(workers), "--interface", "asgi3"
     )
     env = {"BENCH_BODY_BYTES": str(SIZES[size]), "PYTHONPATH": str(root)}
-    return launch(command, f"http://127.0.0.1:{port}/orders", core=0, env=env, cwd=root)
+    ready = f"http://127.0.0.1:{port}/orders"
+    return launch([*under, *command], ready, core=0, env=env, cwd=root, timeout=timeout)
 
 
 def launch(
-    command: list[str], ready: str, *, core: int | None, env: dict[str, str] | None = None, cwd: Path = ROOT
+    command: list[str],
+    ready: str,
+    *,
+    core: int | None,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 30,
 ) -> subprocess.Popen[bytes]:
     """Start a server, pinned to `core` (None: where the scheduler puts it); return once `ready` answers.
 
@@ -140,7 +151,7 @@ def launch(
         stderr=subprocess.PIPE,
         cwd=cwd,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while True:
         try:
             httpx2.get(ready, headers=AUTH, timeout=5).raise_for_status()
