@@ -155,6 +155,10 @@ def _render_anything(event_dict: EventDict) -> bytes:
     return text.encode("utf-8", "replace")
 
 
+# What JsonLines.write returns when the logger's processors are no longer its own.
+NOT_WRITTEN: Final = object()
+
+
 class JsonLines:
     """configure_logging's processors (context, `stamp`, `render`) run as one step for an `info` event.
 
@@ -171,22 +175,30 @@ class JsonLines:
         self._chain = list(chain)
         self._merge = merge
 
-    def write(self, logger: Any, event: str, fields: dict[str, Any]) -> bool:
+    def write(self, logger: Any, event: Any, fields: dict[str, Any]) -> object:
         """Write `event` with `fields` as `logger`'s processors would: it is one of this configuration's.
 
-        `fields` becomes the event: the caller's own dict, not copied unless
-        the logger has bound context to put first. False, with nothing written
-        and `fields` untouched, when the logger's processors are no longer these.
+        Returns what the wrapped logger returns, as structlog does, or
+        NOT_WRITTEN, with nothing written and `fields` untouched, when the
+        logger's processors are no longer these. `fields` becomes the event
+        unless the logger has bound context to put first. `event` is anything
+        structlog takes (an Enum, an exception), hence untyped: the compiled
+        build would check a `str`.
         """
         if logger._processors != self._chain:  # noqa: SLF001 - structlog's bound logger, stable since 20.1
-            return False
+            return NOT_WRITTEN
         context = logger._context  # noqa: SLF001 - as above
-        event_dict = {**context, **fields} if context else fields
-        event_dict["event"] = event
+        if context:
+            # As structlog's own dispatch builds it: the context class's copy, then the fields.
+            event_dict = context.copy()
+            event_dict.update(fields)
+        else:
+            event_dict = fields
+        if event is not None:  # structlog leaves a None event out
+            event_dict["event"] = event
         wrapped = logger._logger  # noqa: SLF001 - as above
         merged = self._merge(wrapped, "info", event_dict)
-        wrapped.info(render(wrapped, "info", stamp(wrapped, "info", merged)))
-        return True
+        return wrapped.info(render(wrapped, "info", stamp(wrapped, "info", merged)))
 
 
 # The bound logger classes configure_logging() made, each with the JsonLines its

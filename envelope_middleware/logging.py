@@ -21,7 +21,15 @@ import structlog
 from structlog.typing import Processor
 
 from envelope_middleware._context import Merge, context_merger
-from envelope_middleware._lines import JSON_LINES_LOGGERS, JsonLines, LineWriter, render, render_text, stamp
+from envelope_middleware._lines import (
+    JSON_LINES_LOGGERS,
+    NOT_WRITTEN,
+    JsonLines,
+    LineWriter,
+    render,
+    render_text,
+    stamp,
+)
 from envelope_middleware.request_id import get_request_id
 
 __all__ = ["EventLogger", "RequestIdFilter", "configure_logging"]
@@ -176,10 +184,12 @@ def _bound_logger_class(min_level: int, chain: list[Processor], merge: Merge) ->
     generic_info: Callable[..., Any] = filtering.info
     lines = JsonLines(chain, merge)
 
-    def info(self: Any, event: str, *args: Any, **fields: Any) -> Any:
-        if args or not lines.write(self, event, fields):
-            return generic_info(self, event, *args, **fields)
-        return None
+    def info(self: Any, event: Any, *args: Any, **fields: Any) -> Any:
+        if not args:
+            written = lines.write(self, event, fields)
+            if written is not NOT_WRITTEN:
+                return written
+        return generic_info(self, event, *args, **fields)
 
     bound: type[Any] = type("JsonLinesBoundLogger", (filtering,), {"info": info, "msg": info})
     JSON_LINES_LOGGERS[bound] = lines

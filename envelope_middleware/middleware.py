@@ -22,7 +22,7 @@ from envelope_middleware._http import (
     WRAPPED_BODY_HEADERS,
 )
 from envelope_middleware._keys import HANDED_OVER_KEY, SCOPE_KEY
-from envelope_middleware._lines import JSON_LINES_LOGGERS
+from envelope_middleware._lines import JSON_LINES_LOGGERS, NOT_WRITTEN
 from envelope_middleware._paths import ExcludedPaths
 from envelope_middleware.catalogue import DEFAULT_CATALOGUE, Catalogue
 from envelope_middleware.logging import EventLogger
@@ -210,7 +210,7 @@ class EnvelopeMiddleware:
                     # configure_logging()'s loggers take the fields as they are: the
                     # keyword call costs a fifth of the event (issue #11).
                     lines = JSON_LINES_LOGGERS.get(type(logger))
-                    if lines is None or not lines.write(logger, "http_request", fields):
+                    if lines is None or lines.write(logger, "http_request", fields) is NOT_WRITTEN:
                         logger.info("http_request", **fields)
             finally:
                 # Even a failing log call must not leave this request's context behind.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import io
 import logging
 import subprocess
@@ -250,6 +251,57 @@ def test_configure_logging_access_line_is_what_structlogs_own_dispatch_writes(
     assert list(direct.items()) == list(dispatched.items())  # the same fields, in the same order
     assert direct["request_id"] == "partner-retry-7"
     assert direct["status"] == status
+
+
+class Audit(enum.Enum):
+    ORDER_PLACED = "order_placed"
+
+
+def test_configure_logging_writes_events_that_are_not_text_as_structlog_does(stream: Stream) -> None:
+    # structlog takes any event; the compiled build must not insist on a str.
+    async def place(request: Request) -> Response:
+        app_log().info(Audit.ORDER_PLACED, order=7)
+        return JSONResponse({"ok": True})
+
+    app = EnvelopeMiddleware(Starlette(routes=[Route("/place", place)]))
+    with TestClient(app) as client:
+        assert client.get("/place").status_code == 200
+    app_log().info(ValueError("stock ran out"), sku="sku-1")
+    app_log().info(None, n=1)
+    placed, error, unnamed = (line for line in stream.lines() if line.get("event") != "http_request")
+    assert (placed["event"], placed["order"]) == ("order_placed", 7)
+    assert (error["event"], error["sku"]) == ("stock ran out", "sku-1")
+    assert "event" not in unnamed  # as structlog's own dispatch leaves a None event out
+    assert unnamed["n"] == 1
+
+
+def test_configure_logging_info_returns_what_the_wrapped_logger_returns() -> None:
+    with configured():
+        # A later configure that changes only the factory keeps configure_logging's processors.
+        structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
+        line = structlog.get_logger().info("order_placed", n=1)
+        warned = structlog.get_logger().warning("order_placed", n=1)
+    assert isinstance(line, bytes)
+    assert isinstance(warned, bytes)
+    assert orjson.loads(line)["level"] == "info"
+    assert orjson.loads(line).keys() == orjson.loads(warned).keys()
+
+
+def test_configure_logging_access_line_copies_the_context_as_its_context_class_does() -> None:
+    # structlog builds an event from the context class's copy() and update(); a
+    # context class need not support `**` (structlog.threadlocal's does not).
+    import structlog.threadlocal  # noqa: PLC0415 - deprecated, imported for this test only
+
+    with pytest.warns(DeprecationWarning, match="threadlocal"):
+        context_class = structlog.threadlocal.wrap_dict(dict)
+    with configured() as out:
+        structlog.configure(context_class=context_class)
+        logger = structlog.get_logger("gateway").bind(tenant="acme")
+        app = EnvelopeMiddleware(scripted(start(200), body(b'{"n":1}')), logger=logger)
+        drive(app)
+    (access,) = (line for line in out.lines() if line["event"] == "http_request")
+    assert access["tenant"] == "acme"
+    assert access["status"] == 200
 
 
 def _render_too(logger: Any, method_name: str, event_dict: Any) -> bytes:
