@@ -8,9 +8,10 @@ stack at 200 B, run under valgrind's callgrind with a fixed hash seed, sent N
 requests one after another on one keep-alive connection after a warm-up,
 against the same server sent none. The difference over N is each request's
 whole path through the server (the socket reads and writes, HTTP parsing,
-Starlette, the stack), repeatable to a fraction of a percent whatever else the
-machine does; "vs bare" is the bare app's count over the stack's, the
-requests/s ratio those instructions allow.
+Starlette, the stack), repeatable to within 1% whatever else the machine does
+(uvicorn's timers and the access log's 50 ms flushes run by the clock, so a
+run slowed down counts a few more of them per request); "vs bare" is the bare
+app's count over the stack's, the requests/s ratio those instructions allow.
 
 What it cannot show is what a count leaves out: cache misses, and the batching
 of many connections' requests into one turn of the loop, which load.py's 64
