@@ -13,15 +13,15 @@ the same wrk requests, and a fifth way over HTTP only:
 
 each once with its backends in process and once calling them over HTTP, as
 three uvicorn processes of their own on loopback (the deployed shape), and each
-page of `GET /orders?size=2` and `size=100`. All six gateways and the backends
+page of `GET /orders?size=2` and `size=100`. All nine gateways and the backends
 start once; every round then visits the four (backends, page) pairs in a fresh
 random order, and within each pair the gateways in a fresh random order,
 one wrk run apiece (after a 1 s warm-up). A variant's ratio is the median over
 rounds of its requests/s over the plain gateway's in the same round and pair;
 the envelope's share is 1 - ratio. Goal: at most 3% on the small page. The
 gateway's own CPU time per request (from /proc) is reported beside it, with
-the same ratio computed from it: on a machine that other work shares, it moves
-far less than requests/s does.
+the same ratio computed from it: a neighbour that takes the core away moves
+requests/s and not it, though one that shares the core's caches moves both.
 
     python benchmarks/gateway_load.py                          # ~11 minutes
     python benchmarks/gateway_load.py --duration 3 --repeats 1   # a quick look
