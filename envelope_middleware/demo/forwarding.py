@@ -1,8 +1,9 @@
 """The gateway's backend call: aiohttp to services over HTTP, httpx2 to in-process ones.
 
 The backend call is where the gateway spends most of its time (issue #11).
-Over HTTP, aiohttp takes about a sixth of the CPU httpx2 takes per call and
-serves four times the requests per second (`benchmarks/clients.py`). It has
+Over HTTP, aiohttp takes about a seventh of the CPU httpx2 takes per call and
+serves about seven times the requests per second at 32 concurrent calls
+(`benchmarks/results/clients.md`). It has
 no in-process transport, so backends given as ASGI apps (the demo's default,
 and the tests') are still called through httpx2's.
 """
