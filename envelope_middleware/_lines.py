@@ -15,6 +15,7 @@ second, and an idle gateway's line still reaches the stream within that moment.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -40,8 +41,8 @@ class LineWriter:
     else (a thread, a script) a line is flushed at once. Lines are as durable
     as the process: one killed (SIGKILL) loses the lines of its last
     FLUSH_DELAY seconds, which a line-by-line flush would have written.
-    `flush()` writes what is held (configure_logging calls it at exit, and
-    before the process forks, so that a child does not write the parent's lines).
+    `flush()` writes what is held; every writer is flushed at exit and before
+    the process forks.
     """
 
     # Not `_thread`: mypyc names the C field `__thread`, a C keyword.
@@ -82,11 +83,13 @@ class LineWriter:
         self._flush()
 
 
-# Every writer, for the fork hooks below: a process normally has one, from configure_logging().
+# Every writer, for the exit and fork hooks below: a process normally has one, from configure_logging().
 _WRITERS: list[LineWriter] = []
 
 
-def _flush_before_fork() -> None:
+def _flush_all() -> None:
+    # At exit, whichever loop was running; before a fork, so that a child does not
+    # write the parent's lines again.
     for writer in _WRITERS:
         # A stream its owner closed has nothing left to write.
         with contextlib.suppress(ValueError, OSError):
@@ -100,7 +103,8 @@ def _forget_flushes_in_child() -> None:  # pragma: no cover - runs in a forked c
         writer._flushing_on = None  # noqa: SLF001 - the module's own class
 
 
-os.register_at_fork(before=_flush_before_fork, after_in_child=_forget_flushes_in_child)
+atexit.register(_flush_all)
+os.register_at_fork(before=_flush_all, after_in_child=_forget_flushes_in_child)
 
 
 # structlog's method names as the level each line states (structlog's add_log_level does the same).

@@ -10,8 +10,6 @@ library's) are rendered as the same JSON lines, with the request id.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -88,8 +86,6 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
         # structlog's filtering loggers exist for the standard levels only.
         raise ValueError(f"level must be a standard logging level (name or number), not {level!r}")
     lines = LineWriter(stream if stream is not None else sys.stdout.buffer)
-    # What is held when the process ends normally is written, whichever loop was running.
-    atexit.register(_flush_at_exit, lines)
     merge = context_merger()
     chain: list[Processor] = [merge, stamp, render]
     structlog.configure(
@@ -115,12 +111,6 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
         taken = logging.getLogger(name)
         taken.handlers.clear()
         taken.propagate = True
-
-
-def _flush_at_exit(lines: LineWriter) -> None:
-    # A stream closed by its owner before exit has nothing left to write.
-    with contextlib.suppress(ValueError, OSError):
-        lines.flush()
 
 
 _TAKEN_OVER = ("uvicorn", "uvicorn.error")

@@ -324,10 +324,20 @@ async def test_configure_logging_writes_a_busy_moments_lines_in_one_flush(stream
 
 
 def test_configure_logging_flushes_what_it_holds_when_the_process_exits(tmp_path: Path) -> None:
+    # A stream that writes out only when flushed: a file would also be written by
+    # its own finalisation, whether or not the writer flushed it.
     script = (
         "import asyncio, structlog\n"
         "from envelope_middleware import configure_logging\n"
-        f"configure_logging(stream=open({str(tmp_path / 'log')!r}, 'wb'))\n"
+        "class Held:\n"
+        "    pending = b''\n"
+        "    def write(self, line):\n"
+        "        self.pending += line\n"
+        "    def flush(self):\n"
+        f"        with open({str(tmp_path / 'log')!r}, 'ab') as out:\n"
+        "            out.write(self.pending)\n"
+        "        self.pending = b''\n"
+        "configure_logging(stream=Held())\n"
         "async def main():\n"
         "    structlog.get_logger().info('last words')\n"  # the loop ends before the flush is due
         "asyncio.run(main())\n"
