@@ -294,16 +294,25 @@ def run_requests(stack: str, count: int) -> None:
     asyncio.run(requests())
 
 
+# A command run under this counts its instructions, and prints the total as it exits.
+CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
+
+
+def collected(stderr: str) -> int:
+    """The instruction count callgrind printed on exit."""
+    found = re.search(r"Collected : (\d+)", stderr)
+    if found is None:  # pragma: no cover - valgrind changed its report
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{stderr}")
+    return int(found.group(1))
+
+
 def callgrind_count(script: str, *arguments: str, wheel: bool = False) -> int:
     """Instructions `python script arguments...` runs under callgrind, with a fixed hash seed.
 
     With `wheel`, the process imports the package from the compiled wheel in $WHEEL_DIR.
     """
     result = subprocess.run(
-        [
-            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
-            *(sys.executable, script, *arguments),
-        ],
+        [*CALLGRIND, sys.executable, script, *arguments],
         capture_output=True,
         text=True,
         check=True,
@@ -313,10 +322,7 @@ def callgrind_count(script: str, *arguments: str, wheel: bool = False) -> int:
             **({"PYTHONPATH": os.environ["WHEEL_DIR"]} if wheel else {}),
         },
     )
-    found = re.search(r"Collected : (\d+)", result.stderr)
-    if found is None:  # pragma: no cover - valgrind changed its report
-        raise RuntimeError(f"no instruction count in valgrind's output:\n{result.stderr}")
-    return int(found.group(1))
+    return collected(result.stderr)
 
 
 def instructions(stack: str, count: int) -> int:

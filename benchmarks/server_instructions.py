@@ -27,13 +27,12 @@ import argparse
 import http.client
 import os
 import platform
-import re
 import shutil
 import signal
 import sys
 from pathlib import Path
 
-from floor import build_compiled_layer, compiled_wheel_package
+from floor import CALLGRIND, build_compiled_layer, collected, compiled_wheel_package
 from inprocess import code_version
 from load import AUTH, FACTORY, LABELS, free_port, start_server
 
@@ -54,10 +53,8 @@ WARM_UP = 100
 def count(stack: str, requests: int) -> int:
     """Instructions the server of `stack` runs from start to exit, sent `requests` after the warm-up."""
     port = free_port()
-    callgrind = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
-    os.environ["PYTHONHASHSEED"] = "0"  # inherited by the server: the same dict layouts every run
     # Python under callgrind starts about fifty times slower.
-    process = start_server(stack, "200B", port, 1, under=callgrind, timeout=300)
+    process = start_server(stack, "200B", port, 1, under=CALLGRIND, timeout=300)
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for _ in range(WARM_UP + requests):
@@ -70,10 +67,7 @@ def count(stack: str, requests: int) -> int:
     finally:
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=300)
-    found = re.search(r"Collected : (\d+)", stderr.decode())
-    if found is None:
-        raise RuntimeError(f"no instruction count in valgrind's output:\n{stderr.decode()}")
-    return int(found.group(1))
+    return collected(stderr.decode())
 
 
 def report(costs: dict[str, float], requests: int) -> str:
@@ -109,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print("valgrind is not installed: on Debian or Ubuntu, `apt-get install valgrind`", file=sys.stderr)
         return 2
     stacks = ["bare", *(stack for stack in args.stacks if stack != "bare")]
+    os.environ["PYTHONHASHSEED"] = "0"  # inherited by the servers: the same dict layouts every run
     if "compiled" in stacks:
         os.environ["CFLOOR_DIR"] = build_compiled_layer()  # inherited by the servers
     if FACTORY.keys() & set(stacks):
