@@ -147,9 +147,14 @@ class EnvelopeMiddleware:
         self.logger = logger if logger is not None else structlog.get_logger("envelope_middleware")
         # structlog's lazy proxy reaches its logger through __getattr__ on every
         # call; `bind()` is the public way to the same logger, 0.6 us cheaper
-        # per access event (issue #11). The default logger is such a proxy. It
-        # is looked up per call: with caching on, the proxy swaps its `bind`.
+        # per access event (issue #11). The default logger is such a proxy.
+        # Without caching, `bind()` builds the logger from the configuration of
+        # the moment, so it is called per access event. The first event asks
+        # whether structlog caches it (then `bind()` hands out one logger, the
+        # same every time): if so, the middleware keeps that logger and calls
+        # `bind()` no more, about 1k instructions less per event.
         self.lazy_logger: Any = self.logger if logger is None else None
+        self.ask_cached = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or SCOPE_KEY in scope:
@@ -196,7 +201,7 @@ class EnvelopeMiddleware:
             try:
                 if self.access_log:
                     lazy_logger = self.lazy_logger
-                    logger = lazy_logger.bind() if lazy_logger is not None else self.logger
+                    logger = self.logger if lazy_logger is None else self._bound(lazy_logger)
                     fields = {
                         "request_id": request_id,
                         "method": scope["method"],
@@ -221,6 +226,16 @@ class EnvelopeMiddleware:
                 elif self.context_fallback:
                     reset_contextvars(**fallback_tokens)
                 _request_id.reset(id_token)
+
+    def _bound(self, lazy_logger: Any) -> Any:
+        """The lazy proxy's logger for this event; kept if structlog caches it (see __init__)."""
+        logger = lazy_logger.bind()
+        if self.ask_cached:
+            self.ask_cached = False
+            if lazy_logger.bind() is logger:
+                self.logger = logger
+                self.lazy_logger = None
+        return logger
 
     def _make_request_id(self, scope: Scope) -> str:
         if self.trust_request_id:

@@ -142,6 +142,54 @@ async def test_logging_uses_the_logger_it_is_given() -> None:
     assert [e["request_id"] for e in capture.entries] == [sent.header("x-request-id")]
 
 
+async def test_logging_default_logger_follows_a_reconfiguration_when_structlog_does_not_cache() -> None:
+    first, second = LogCapture(), LogCapture()
+    structlog.configure(processors=[first], cache_logger_on_first_use=False)
+    try:
+        middleware = EnvelopeMiddleware(scripted(start(204), body()))
+        await call(middleware)
+        structlog.configure(processors=[second])
+        sent = await call(middleware)
+    finally:
+        plain_structlog()
+    assert len(first.entries) == 1
+    assert [e["request_id"] for e in second.entries] == [sent.header("x-request-id")]
+
+
+async def test_logging_default_logger_is_bound_once_structlog_caches_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    capture = LogCapture()
+    structlog.configure(processors=[capture], cache_logger_on_first_use=True)
+    proxy = CountedBinds(structlog.get_logger("envelope_middleware"))
+    monkeypatch.setattr(structlog, "get_logger", lambda *_args: proxy)
+    try:
+        middleware = EnvelopeMiddleware(scripted(start(204), body()))
+        sent = [await call(middleware) for _ in range(5)]
+        # As the proxy itself would: a later configuration does not reach a cached logger.
+        structlog.configure(processors=[LogCapture()])
+        sent.append(await call(middleware))
+    finally:
+        plain_structlog()
+    assert [e["request_id"] for e in capture.entries] == [s.header("x-request-id") for s in sent]
+    assert proxy.binds == 2  # the first event's, and the one asking whether it is cached
+
+
+class CountedBinds:
+    """A structlog lazy proxy that counts the calls of its `bind`."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+        self.binds = 0
+
+    def bind(self, **values: Any) -> Any:
+        self.binds += 1
+        return self.proxy.bind(**values)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.proxy, name)
+
+
 async def test_logging_works_with_structlog_default_configuration(capsys: pytest.CaptureFixture[str]) -> None:
     structlog.reset_defaults()
     sent = await call(EnvelopeMiddleware(chatty_app))
