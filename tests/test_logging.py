@@ -156,7 +156,7 @@ async def test_logging_default_logger_follows_a_reconfiguration_when_structlog_d
     assert [e["request_id"] for e in second.entries] == [sent.header("x-request-id")]
 
 
-async def test_logging_default_logger_is_bound_once_structlog_caches_it(
+async def test_logging_default_logger_is_not_bound_again_once_structlog_caches_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     capture = LogCapture()
