@@ -87,9 +87,24 @@ class LineWriter:
 _WRITERS: list[LineWriter] = []
 
 
+def replace_writers(stream: BinaryIO) -> LineWriter:
+    """A writer for `stream` in place of every earlier one, which is flushed and forgotten.
+
+    configure_logging() replaces the process's logging configuration, and a
+    test suite that configures it per test would otherwise keep every test's
+    stream alive (and a file's descriptor open) until it exits. A logger that
+    structlog cached under an earlier configuration still writes to its writer,
+    which flushes within FLUSH_DELAY, or at once outside a loop, but no longer
+    at exit.
+    """
+    _flush_all()
+    _WRITERS.clear()
+    return LineWriter(stream)
+
+
 def _flush_all() -> None:
     # At exit, whichever loop was running; before a fork, so that a child does not
-    # write the parent's lines again.
+    # write the parent's lines again; and when writers are replaced.
     for writer in _WRITERS:
         # A stream its owner closed has nothing left to write.
         with contextlib.suppress(ValueError, OSError):

@@ -26,6 +26,7 @@ from envelope_middleware._lines import (
     LineWriter,
     render,
     render_text,
+    replace_writers,
     stamp,
 )
 from envelope_middleware.request_id import get_request_id
@@ -74,6 +75,11 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
     its last 50 ms of lines. Values JSON cannot hold are
     written as their `str()`.
 
+    Calling it again replaces the configuration: the previous stream is
+    flushed and no longer referenced. A logger structlog cached before that
+    (a module-level one used already) still writes there, flushed within
+    50 ms, but no longer at exit.
+
     uvicorn's error log (`uvicorn`, `uvicorn.error`) is taken over from the
     configuration uvicorn gave it, when that came first (`uvicorn app:app`
     configures logging before it imports the app). Run uvicorn with its access
@@ -85,7 +91,10 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
     if min_level not in names.values():
         # structlog's filtering loggers exist for the standard levels only.
         raise ValueError(f"level must be a standard logging level (name or number), not {level!r}")
-    lines = LineWriter(stream if stream is not None else sys.stdout.buffer)
+    lines = replace_writers(stream if stream is not None else sys.stdout.buffer)
+    # The earlier configurations' loggers are no longer the middleware's to write
+    # through (their own `info` still does), and no longer kept alive here.
+    JSON_LINES_LOGGERS.clear()
     merge = context_merger()
     chain: list[Processor] = [merge, stamp, render]
     structlog.configure(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import io
 import logging
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -344,6 +346,33 @@ def test_configure_logging_flushes_what_it_holds_when_the_process_exits(tmp_path
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     assert orjson.loads((tmp_path / "log").read_bytes())["event"] == "last words"
+
+
+async def test_configure_logging_again_flushes_the_previous_stream_and_lets_it_go() -> None:
+    with configured() as first:
+        app_log().info("held")  # in a running loop: flushed FLUSH_DELAY later
+        assert first.flushes == 0
+        configure_logging(stream=Stream())
+        assert first.flushes == 1
+        assert [line["event"] for line in first.lines()] == ["held"]
+        await asyncio.sleep(FLUSH_DELAY * 2)  # the flush it had scheduled has run
+    released = weakref.ref(first)
+    del first
+    gc.collect()
+    assert released() is None
+
+
+def test_configure_logging_again_releases_the_previous_configurations_logger_class() -> None:
+    replaced = []
+    for _ in range(3):
+        with configured():
+            replaced.append(weakref.ref(structlog.get_config()["wrapper_class"]))
+    with configured() as out:
+        gc.collect()
+        assert [cls() for cls in replaced] == [None, None, None]
+        # The current one still writes the access line through its own path.
+        drive(EnvelopeMiddleware(scripted(start(204), body())))
+        assert [line["event"] for line in out.lines()] == ["http_request"]
 
 
 def test_configure_logging_flushes_each_line_at_once_outside_an_event_loop(stream: Stream) -> None:
