@@ -6,7 +6,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from envelope_middleware._errors import ERROR_BODY_LIMIT, Failure
-from envelope_middleware._http import SERVER_ERROR_HEADERS, as_bytes, header_value, is_retry_after
+from envelope_middleware._http import as_bytes, header_value, kept_on_error
 from envelope_middleware._keys import HANDED_OVER_KEY
 from envelope_middleware._wrapping import Wrapping
 
@@ -52,18 +52,7 @@ class Answering(Wrapping):
                 body_bytes=self.body_size,
                 body_excerpt=kept_body[:_LOGGED_BODY_LIMIT].decode("utf-8", "replace"),
             )
-        if failure.status >= 500:
-            kept = [
-                pair
-                for pair in headers
-                if (name := pair[0].lower()) in SERVER_ERROR_HEADERS or name.startswith(b"access-control-")
-            ]
-        else:
-            drop = self.middleware.error_drop
-            kept = [pair for pair in headers if pair[0].lower() not in drop]
-        # Kept for the client to act on, so only in a form it can act on.
-        kept = [pair for pair in kept if pair[0].lower() != b"retry-after" or is_retry_after(pair[1])]
-        await self._send_error(failure, kept)
+        await self._send_error(failure, kept_on_error(headers, failure.status, self.middleware.error_drop))
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for an exception from the app; False when it is too late to answer."""

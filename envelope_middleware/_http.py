@@ -68,6 +68,10 @@ SERVER_ERROR_HEADERS = frozenset(
         b"x-content-type-options",
         b"x-frame-options",
         b"referrer-policy",
+        # The idempotency middleware's replay marks: a recorded 2xx whose body turns
+        # out not to be JSON is answered with a 502, a replay like any other.
+        b"idempotent-replayed",
+        b"original-request-id",
     }
 )
 
@@ -83,6 +87,25 @@ _RETRY_AFTER = re.compile(
 def is_retry_after(value: bytes) -> bool:
     """Whether `value` is a Retry-After a client can act on: seconds, or an IMF-fixdate."""
     return _RETRY_AFTER.fullmatch(value) is not None
+
+
+def kept_on_error(headers: RawHeaders, status: int, drop: frozenset[bytes]) -> RawHeaders:
+    """What an error answer with `status` keeps of the headers of the response it replaces.
+
+    A 5xx keeps SERVER_ERROR_HEADERS and CORS's; a 4xx all but `drop`. A
+    Retry-After is kept for the client to act on, so only in a form it can.
+    """
+    kept: RawHeaders = []
+    for pair in headers:
+        name = pair[0].lower()
+        if status >= 500:
+            if name not in SERVER_ERROR_HEADERS and not name.startswith(b"access-control-"):
+                continue
+        elif name in drop:
+            continue
+        if name != b"retry-after" or is_retry_after(pair[1]):
+            kept.append(pair)
+    return kept
 
 
 _FIELD_VALUE_INVALID = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")  # RFC 9110 §5.5: no CTLs but HTAB

@@ -11,10 +11,12 @@ from envelope_middleware._http import (
     BOM,
     JSON_WHITESPACE,
     RawHeaders,
+    as_bytes,
     header_value,
     is_blank,
     is_json_media_type,
     json_error,
+    kept_on_error,
 )
 
 _MAX_LENGTH_DIGITS = 18  # past this a Content-Length is nonsense, and int() has a digit limit
@@ -70,7 +72,12 @@ class Wrapping(ExchangeState):
                 body_bytes=len(body),
                 reason=problem,
             )
-            await self._send_error(self.middleware.errors.for_code("downstream_invalid_response"), [])
+            failure = self.middleware.errors.for_code("downstream_invalid_response")
+            # As a service's own 5xx keeps them: CORS's, caching's, a replay's marks.
+            headers = kept_on_error(
+                as_bytes(held.get("headers") or []), failure.status, self.middleware.error_drop
+            )
+            await self._send_error(failure, headers)
             return
         prefix = b'{"request_id":"' + self.request_id + b'","data":'
         size = len(prefix) + len(body) + 1

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
 
 from envelope_middleware._context import Merge, context_merger
 from envelope_middleware._lines import (
@@ -106,8 +106,9 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
     handler = _LineHandler(lines)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            # The record's exc_info is put in the event after this chain.
-            foreign_pre_chain=[merge, structlog.stdlib.add_logger_name],
+            # The record's exc_info is put in the event after this chain. Its `extra`
+            # fields come first, so that a request_id given there is kept.
+            foreign_pre_chain=[_add_record_extras, merge, structlog.stdlib.add_logger_name],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, stamp, render_text],
         )
     )
@@ -123,6 +124,21 @@ def configure_logging(level: int | str = logging.INFO, *, stream: BinaryIO | Non
 
 
 _TAKEN_OVER = ("uvicorn", "uvicorn.error")
+
+# A record's own attributes, on every Python this runs on; the rest came from `extra=`.
+# uvicorn's `color_message` is its message again, with terminal colours.
+_RECORD_ATTRIBUTES = frozenset(
+    {*vars(logging.LogRecord("", 0, "", 0, "", (), None)), "message", "asctime", "color_message"}
+)
+
+
+def _add_record_extras(_logger: Any, _method_name: str, event_dict: EventDict) -> EventDict:
+    """A stdlib record's `extra=` fields, as structlog's ExtraAdder adds them; uvicorn's colours left out."""
+    # ProcessorFormatter puts the record there before its pre-chain runs.
+    for key, value in vars(event_dict["_record"]).items():
+        if key not in _RECORD_ATTRIBUTES and key not in event_dict:
+            event_dict[key] = value
+    return event_dict
 
 
 class _LineLogger:

@@ -186,6 +186,24 @@ async def test_idempotency_retry_replays_the_first_answer_without_running_again(
     assert "set-cookie" not in retry.headers
 
 
+async def test_idempotency_replay_of_a_body_that_is_not_json_is_a_502_marked_as_a_replay(
+    store: IdempotencyStore, writes: Writes
+) -> None:
+    async def write(request: Request) -> Response:
+        writes.bodies.append(await request.body())
+        return Response(b'{"order": ', media_type="application/json")  # cut short by the service
+
+    app = enveloped(write, store)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway") as http:
+        first = await http.post("/orders", content=b"{}", headers=keyed())
+        retry = await http.post("/orders", content=b"{}", headers=keyed())
+    assert len(writes) == 1
+    assert first.status_code == retry.status_code == 502
+    assert retry.json()["error"]["code"] == "downstream_invalid_response"
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.headers["original-request-id"] == first.json()["request_id"]
+
+
 async def test_idempotency_replay_log_line_carries_both_ids(client: Any, logs: LogCapture) -> None:
     async with client() as http:
         first = await http.post("/orders", content=b"{}", headers=keyed())
@@ -967,7 +985,9 @@ async def test_idempotency_recorded_exceptions_keep_their_headers_and_odd_detail
             raise HTTPException(404, detail="No such order.", headers={"X-Hint": "check the id"})
         if kind == "http-500":
             raise HTTPException(500)
-        raise StateInvalidTransition(details={"big": 2**70}, headers={"X-Hint": "archived"})
+        # Numbers are written out and what is no header dropped, as without a key.
+        odd: dict[str, Any] = {"X-Retry-Hint": 5, "X-Ratio": 0.5, "X-None": None, "X-Latin": "café"}
+        raise StateInvalidTransition(details={"big": 2**70}, headers={"X-Hint": "archived", **odd})
 
     # Inside the route, as the reference gateway mounts it: an HTTPException
     # passes through the middleware before Starlette's own handler renders it.
@@ -994,6 +1014,10 @@ async def test_idempotency_recorded_exceptions_keep_their_headers_and_odd_detail
     first, replay = answers["api"]
     assert first.status_code == replay.status_code == 422
     assert replay.headers["x-hint"] == "archived"
+    for answer in (first, replay):
+        assert (answer.headers["x-retry-hint"], answer.headers["x-ratio"]) == ("5", "0.5")
+        assert "x-none" not in answer.headers
+        assert dict(answer.headers.raw)[b"x-latin"] == "café".encode("latin-1")
     assert replay.json()["error"]["code"] == "state_invalid_transition"
     assert replay.json()["error"]["details"] == {}  # a number JSON cannot carry is not kept
     assert [answer.status_code for answer in answers["http-500"]] == [500, 500]

@@ -78,6 +78,24 @@ async def test_envelope_answers_502_for_a_2xx_json_body_that_is_not_json(data: b
     assert data not in sent.body
 
 
+async def test_envelope_502_for_json_that_is_not_keeps_the_headers_a_server_error_keeps() -> None:
+    headers = [
+        JSON,
+        (b"set-cookie", b"session=1"),
+        (b"access-control-allow-origin", b"https://partner.example"),
+        (b"idempotent-replayed", b"true"),
+        (b"server", b"orders-7.internal"),
+        (b"retry-after", b"soon; host=db-1.internal"),
+    ]
+    sent = await call(envelope(scripted(start(200, headers), body(b'{"a": '))))
+    assert_error(sent, 502, "downstream_invalid_response")
+    assert sent.header("set-cookie") == "session=1"
+    assert sent.header("access-control-allow-origin") == "https://partner.example"
+    assert sent.header("idempotent-replayed") == "true"
+    assert sent.header("server") is None
+    assert sent.header("retry-after") is None
+
+
 async def test_envelope_answers_502_for_json_nested_deeper_than_the_parser_allows() -> None:
     sent = await call(envelope(scripted(start(200, [JSON]), body(b"[" * 5000 + b"]" * 5000))))
     assert_error(sent, 502, "downstream_invalid_response")

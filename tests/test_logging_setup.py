@@ -375,6 +375,22 @@ def test_configure_logging_again_releases_the_previous_configurations_logger_cla
         assert [line["event"] for line in out.lines()] == ["http_request"]
 
 
+def test_configure_logging_keeps_a_stdlib_records_extra_fields(stream: Stream) -> None:
+    async def legacy(request: Request) -> Response:
+        log = logging.getLogger("legacy.module")
+        log.warning("shipped", extra={"order_id": "ord_1"})
+        log.warning("relayed", extra={"request_id": "from-the-caller"})
+        return JSONResponse({})
+
+    with TestClient(EnvelopeMiddleware(Starlette(routes=[Route("/", legacy)]))) as client:
+        request_id = client.get("/").headers["x-request-id"]
+    shipped, relayed, _access = stream.lines()
+    assert (shipped["order_id"], shipped["request_id"]) == ("ord_1", request_id)
+    assert relayed["request_id"] == "from-the-caller"  # an id given with the record is kept
+    logging.getLogger("uvicorn.error").info("Started", extra={"color_message": "\x1b[1mStarted\x1b[0m"})
+    assert "color_message" not in stream.lines()[-1]
+
+
 def test_configure_logging_flushes_each_line_at_once_outside_an_event_loop(stream: Stream) -> None:
     app_log().info("first")
     assert stream.flushes == 1

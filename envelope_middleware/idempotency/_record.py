@@ -9,7 +9,7 @@ from typing import Any, TypeGuard
 import msgspec
 import orjson
 
-from envelope_middleware._http import is_int_status
+from envelope_middleware._http import encode_header, is_int_status
 from envelope_middleware.exceptions import ApiError
 
 # Headers that belong to one exchange, not to the answer: a replay goes without
@@ -88,7 +88,8 @@ class Record(msgspec.Struct, array_like=True):
         if error is None:
             return
         pairs = [*self.headers, *self.replay_marks()]
-        headers = [(name.decode("utf-8"), value.decode("utf-8")) for name, value in pairs]
+        # As the envelope encoded them (_header_pairs): it encodes them so again.
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in pairs]
         details = orjson.loads(error.details)
         raised = ApiError(error.code, error.message, status=self.status, details=details, headers=headers)
         raised.default_message = error.default_message
@@ -142,9 +143,11 @@ def first_request_id(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _header_pairs(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    # The envelope checks the names and values it sends; here they only travel.
-    return [(name.encode("utf-8"), value.encode("utf-8")) for name, value in headers.items()]
+def _header_pairs(headers: Mapping[Any, Any]) -> list[tuple[bytes, bytes]]:
+    # What the envelope sends of them, as it encodes them: numbers written out,
+    # anything that is not a header dropped. Recording the app's values as they
+    # were failed the request on a number (a 500 that freed the key).
+    return [pair for name, value in headers.items() if (pair := encode_header(name, value)) is not None]
 
 
 def _json(details: Any) -> bytes:
