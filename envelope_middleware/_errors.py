@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import json
+import sys
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -92,7 +95,7 @@ class Failure:
 class ErrorPolicy:
     """Built once per middleware: the catalogue, the codes kept from services, the exception map."""
 
-    __slots__ = ("_allowed", "_by_name", "_by_type", "_catalogue", "_mapped", "_prebuilt")
+    __slots__ = ("_allowed", "_by_name", "_by_type", "_catalogue", "_mapped", "_prebuilt", "_unresolved")
 
     def __init__(
         self,
@@ -117,7 +120,13 @@ class ErrorPolicy:
         for key, code in {**defaults, **exception_codes}.items():
             if code not in catalogue:
                 raise ValueError(f"exception {key!r} maps to {code!r}, which is not in the catalogue")
-            if isinstance(key, str):
+            if isinstance(key, str) and "." not in key:
+                # A bare name can only mean a builtin; anything else matches nothing.
+                builtin = getattr(builtins, key, None)
+                if not (isinstance(builtin, type) and issubclass(builtin, BaseException)):
+                    raise ValueError(f"exception_codes key {key!r} names no module: write 'module.QualName'")
+                by_type[builtin] = catalogue[code]
+            elif isinstance(key, str):
                 by_name[key] = catalogue[code]
             elif isinstance(key, type) and issubclass(key, BaseException):
                 by_type[key] = catalogue[code]
@@ -125,6 +134,11 @@ class ErrorPolicy:
                 raise TypeError(f"exception_codes keys are exception types or 'module.QualName', not {key!r}")
         self._by_type = by_type
         self._by_name = by_name
+        # Names not yet found as classes: one may name a class where its package
+        # re-exports it ("aiohttp.ClientConnectorError" for aiohttp.client_exceptions'),
+        # which its own module and qualname, all the lookup compares, do not match.
+        self._unresolved = dict(by_name)
+        self._resolve_names(refuse={key for key in exception_codes if isinstance(key, str)})
         self._mapped: dict[type[BaseException], ErrorSpec | None] = {}
         # The last resort of the serializer: bodies that cannot fail to build.
         self._prebuilt = {
@@ -195,11 +209,33 @@ class ErrorPolicy:
             spec = self._catalogue["downstream_invalid_response"]
         return Failure(spec.status, spec.code, spec.message, log="warning")
 
+    def _resolve_names(self, refuse: AbstractSet[str] = frozenset()) -> None:
+        """Map the classes the unresolved names find, as a type key would.
+
+        Only in modules already imported: optional libraries are never imported
+        here. A name in `refuse` (the app's own, when the middleware is built)
+        that finds nothing in its imported module is a ValueError; any other is
+        dropped (a default an older version of its library lacks).
+        """
+        for name, spec in list(self._unresolved.items()):
+            module, found = _find(name)
+            if module is None:
+                continue  # not imported yet: asked again on the next new exception type
+            del self._unresolved[name]
+            if found is None:
+                if name in refuse:
+                    raise ValueError(f"exception_codes key {name!r} names no exception class in {module!r}")
+                continue
+            if f"{found.__module__}.{found.__qualname__}" != name:
+                self._by_type.setdefault(found, spec)  # a type key given for the class wins
+
     def _lookup(self, exc_type: type[BaseException]) -> ErrorSpec | None:
         try:
             return self._mapped[exc_type]
         except KeyError:
             pass
+        if self._unresolved:
+            self._resolve_names()
         found: ErrorSpec | None = None
         for cls in exc_type.__mro__:
             found = self._by_type.get(cls) or self._by_name.get(f"{cls.__module__}.{cls.__qualname__}")
@@ -245,6 +281,21 @@ class ErrorPolicy:
             return prebuilt
         # `code` is validated lower_snake_case, so this cannot fail.
         return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
+
+
+def _find(name: str) -> tuple[str | None, type[BaseException] | None]:
+    """The imported module a dotted name starts with, and the exception class it names there, if any."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        found: object = sys.modules.get(module_name)
+        if found is not None:
+            for attribute in parts[split:]:
+                found = getattr(found, attribute, None)
+            if isinstance(found, type) and issubclass(found, BaseException):
+                return module_name, found
+            return module_name, None
+    return None, None
 
 
 def _as_headers(value: object) -> Mapping[Any, Any]:

@@ -15,7 +15,8 @@ the error body is always written, whatever the details hold.
 from __future__ import annotations
 
 import asyncio
-from types import MappingProxyType
+import sys
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import pytest
@@ -217,6 +218,37 @@ async def test_envelope_maps_exceptions_by_type_and_name_along_the_mro() -> None
         raising(ConnectionRefusedError()), exception_codes={"builtins.OSError": "service_unavailable"}
     )
     assert_error(await call(by_name), 503, "service_unavailable")
+
+
+async def test_envelope_maps_a_builtin_by_its_bare_name() -> None:
+    app = envelope(raising(KeyError("k")), exception_codes={"KeyError": "resource_not_found"})
+    assert_error(await call(app), 404, "resource_not_found")
+
+
+class LedgerDown(Exception):
+    """Defined in one module, re-exported by a package, as aiohttp's exceptions are."""
+
+
+async def test_envelope_maps_a_class_by_the_name_its_package_re_exports_it_under(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    package = ModuleType("ledger_client")
+    package.LedgerDown = LedgerDown  # type: ignore[attr-defined]
+    # The package is imported after the middleware is built, before the first exception.
+    app = envelope(raising(LedgerDown()), exception_codes={"ledger_client.LedgerDown": "service_unavailable"})
+    monkeypatch.setitem(sys.modules, "ledger_client", package)
+    assert_error(await call(app), 503, "service_unavailable")
+    # The same, with the package imported first.
+    app = envelope(raising(LedgerDown()), exception_codes={"ledger_client.LedgerDown": "service_unavailable"})
+    assert_error(await call(app), 503, "service_unavailable")
+
+
+async def test_envelope_drops_a_name_its_package_turns_out_to_lack(monkeypatch: pytest.MonkeyPatch) -> None:
+    codes = {"ledger_client.Gone": "service_unavailable", "KeyError": "resource_not_found"}
+    app = envelope(raising(KeyError("k")), exception_codes=codes)
+    monkeypatch.setitem(sys.modules, "ledger_client", ModuleType("ledger_client"))
+    # Found missing while answering: dropped, never failing the request it answers.
+    assert_error(await call(app), 404, "resource_not_found")
 
 
 async def test_envelope_takes_exception_codes_typed_as_the_user_builds_them() -> None:

@@ -66,6 +66,19 @@ def test_envelope_refuses_exception_codes_keyed_by_what_is_no_exception_type(key
         EnvelopeMiddleware(scripted(), exception_codes={key: "internal"})
 
 
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [("LedgerDown", "names no module"), ("json.NoSuchError", "names no exception class in 'json'")],
+)
+def test_envelope_refuses_exception_codes_names_that_can_match_nothing(key: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        EnvelopeMiddleware(scripted(), exception_codes={key: "internal"})
+
+
+def test_envelope_takes_exception_codes_names_in_modules_not_imported_yet() -> None:
+    EnvelopeMiddleware(scripted(), exception_codes={"not_imported_yet.LedgerDown": "internal"})
+
+
 def test_envelope_rejects_exception_codes_outside_the_catalogue() -> None:
     with pytest.raises(ValueError, match="not in the catalogue"):
         EnvelopeMiddleware(scripted(), exception_codes={ValueError: "no_such_code"})
