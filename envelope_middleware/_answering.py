@@ -75,6 +75,10 @@ class Answering(Wrapping):
                 response_complete=self.complete,
                 exc_info=exc,
             )
+            if not self.complete:
+                # Re-raised, the server logs it too, after the request's context is
+                # reset: a note (PEP 678) puts the id in that line's traceback.
+                exc.add_note(f"request_id: {request_id}")
             return self.complete
         # Nothing has gone out: whatever the app had begun is discarded.
         self.held_start = None

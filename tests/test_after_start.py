@@ -97,11 +97,14 @@ async def test_envelope_never_starts_twice_once_bytes_are_out(logs: Any) -> None
     async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    with pytest.raises(RuntimeError, match="late"):
+    with pytest.raises(RuntimeError, match="late") as raised:
         await EnvelopeMiddleware(app)(_scope(), receive, send)
     assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
     [event] = [e for e in logs.entries if e["event"] == "exception_after_response_started"]
-    assert event["request_id"] == Sent(messages).header("x-request-id")
+    request_id = Sent(messages).header("x-request-id")
+    assert event["request_id"] == request_id
+    # What the server logs of it, outside the request's context, carries the id too.
+    assert raised.value.__notes__ == [f"request_id: {request_id}"]
     assert event["response_complete"] is False
 
 
