@@ -11,6 +11,7 @@ from envelope_middleware._keys import HANDED_OVER_KEY
 from envelope_middleware._wrapping import Wrapping
 
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
+_NOTE = "request_id: "  # the note on an exception re-raised after the start
 # What Starlette's ExceptionMiddleware raises, from the exception, when a handler
 # exists for an exception raised after the app's start: too late for the handler,
 # not for the middleware while it still holds that start. Starlette's own words:
@@ -77,8 +78,12 @@ class Answering(Wrapping):
             )
             if not self.complete:
                 # Re-raised, the server logs it too, after the request's context is
-                # reset: a note (PEP 678) puts the id in that line's traceback.
-                exc.add_note(f"request_id: {request_id}")
+                # reset: a note (PEP 678) puts the id in that line's traceback. One
+                # exception object may be raised by many requests: this one's only.
+                notes = getattr(exc, "__notes__", None)
+                if isinstance(notes, list):
+                    notes[:] = [note for note in notes if not str(note).startswith(_NOTE)]
+                exc.add_note(_NOTE + request_id)
             return self.complete
         # Nothing has gone out: whatever the app had begun is discarded.
         self.held_start = None

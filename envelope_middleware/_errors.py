@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import ModuleType
 from typing import Any, Literal
 
 import orjson
@@ -134,12 +136,13 @@ class ErrorPolicy:
                 raise TypeError(f"exception_codes keys are exception types or 'module.QualName', not {key!r}")
         self._by_type = by_type
         self._by_name = by_name
-        # Names not yet found as classes: one may name a class where its package
-        # re-exports it ("aiohttp.ClientConnectorError" for aiohttp.client_exceptions'),
-        # which its own module and qualname, all the lookup compares, do not match.
-        self._unresolved = dict(by_name)
-        self._resolve_names(refuse={key for key in exception_codes if isinstance(key, str)})
         self._mapped: dict[type[BaseException], ErrorSpec | None] = {}
+        # The app's names not yet found as classes: one may name a class where its
+        # package re-exports it ("aiohttp.ClientConnectorError" for aiohttp.client_exceptions'),
+        # which its own module and qualname, all the lookup compares, do not match.
+        # (The defaults are those own names.)
+        self._unresolved = {key: spec for key, spec in by_name.items() if key in exception_codes}
+        self._resolve_names(refuse=set(self._unresolved))
         # The last resort of the serializer: bodies that cannot fail to build.
         self._prebuilt = {
             spec.code: orjson.dumps({"code": spec.code, "message": spec.message, "details": {}})
@@ -213,29 +216,35 @@ class ErrorPolicy:
         """Map the classes the unresolved names find, as a type key would.
 
         Only in modules already imported: optional libraries are never imported
-        here. A name in `refuse` (the app's own, when the middleware is built)
-        that finds nothing in its imported module is a ValueError; any other is
-        dropped (a default an older version of its library lacks).
+        here. A name in `refuse` (when the middleware is built) that finds nothing
+        in its imported module is a ValueError; later, while answering, such a
+        name is dropped.
         """
         for name, spec in list(self._unresolved.items()):
-            module, found = _find(name)
-            if module is None:
-                continue  # not imported yet: asked again on the next new exception type
-            del self._unresolved[name]
+            where = _find(name)
+            if where is None:
+                continue  # cannot tell yet: asked again on the next new exception type
+            # pop, not del: two threads may resolve the same name.
+            self._unresolved.pop(name, None)
+            module, found = where
             if found is None:
                 if name in refuse:
                     raise ValueError(f"exception_codes key {name!r} names no exception class in {module!r}")
                 continue
-            if f"{found.__module__}.{found.__qualname__}" != name:
-                self._by_type.setdefault(found, spec)  # a type key given for the class wins
+            if f"{found.__module__}.{found.__qualname__}" != name and found not in self._by_type:
+                self._by_type[found] = spec  # a type key given for the class wins
+                self._mapped.clear()  # types looked up before the name was found
 
     def _lookup(self, exc_type: type[BaseException]) -> ErrorSpec | None:
+        if self._unresolved:
+            # Before the cache: a package imported since may have a class it already holds.
+            # Answering a request: whatever an odd module does, it must not fail it.
+            with contextlib.suppress(Exception):
+                self._resolve_names()
         try:
             return self._mapped[exc_type]
         except KeyError:
             pass
-        if self._unresolved:
-            self._resolve_names()
         found: ErrorSpec | None = None
         for cls in exc_type.__mro__:
             found = self._by_type.get(cls) or self._by_name.get(f"{cls.__module__}.{cls.__qualname__}")
@@ -283,19 +292,32 @@ class ErrorPolicy:
         return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
 
 
-def _find(name: str) -> tuple[str | None, type[BaseException] | None]:
-    """The imported module a dotted name starts with, and the exception class it names there, if any."""
+def _find(name: str) -> tuple[str, type[BaseException] | None] | None:
+    """Where a dotted name's class is, if that can be told without importing or calling anything.
+
+    None while it cannot: no prefix of the name is imported, or the rest may be
+    a submodule not imported yet or an attribute its module makes on demand (a
+    module `__getattr__`, not called here). Otherwise the imported module's
+    name, and the exception class, or None when there is none there.
+    """
     parts = name.split(".")
     for split in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:split])
         found: object = sys.modules.get(module_name)
-        if found is not None:
-            for attribute in parts[split:]:
-                found = getattr(found, attribute, None)
-            if isinstance(found, type) and issubclass(found, BaseException):
-                return module_name, found
-            return module_name, None
-    return None, None
+        if found is None:
+            continue
+        for attribute in parts[split:]:
+            namespace = getattr(found, "__dict__", {})
+            following = namespace.get(attribute) if isinstance(namespace, Mapping) else None
+            if following is None:
+                if isinstance(found, ModuleType) and ("__path__" in namespace or "__getattr__" in namespace):
+                    return None
+                return module_name, None
+            found = following
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return module_name, found
+        return module_name, None
+    return None
 
 
 def _as_headers(value: object) -> Mapping[Any, Any]:

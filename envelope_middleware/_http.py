@@ -68,12 +68,17 @@ SERVER_ERROR_HEADERS = frozenset(
         b"x-content-type-options",
         b"x-frame-options",
         b"referrer-policy",
-        # The idempotency middleware's replay marks: a recorded 2xx whose body turns
-        # out not to be JSON is answered with a 502, a replay like any other.
-        b"idempotent-replayed",
-        b"original-request-id",
     }
 )
+
+# What the 502 for a 2xx body that is not JSON keeps of the 2xx's headers: what a
+# 5xx keeps, but the caching of the data it was meant to be (a cache would keep the
+# error as long), and with the idempotency middleware's replay marks (it replays a
+# recorded 2xx, and so this 502; never a service's own 5xx).
+INVALID_BODY_HEADERS = (SERVER_ERROR_HEADERS - {b"cache-control", b"expires", b"pragma"}) | {
+    b"idempotent-replayed",
+    b"original-request-id",
+}
 
 # RFC 9110 §10.2.3: Retry-After is delay-seconds or an HTTP-date, which senders
 # write as IMF-fixdate (§5.6.7). Anything else a service sends there is not a
@@ -89,17 +94,19 @@ def is_retry_after(value: bytes) -> bool:
     return _RETRY_AFTER.fullmatch(value) is not None
 
 
-def kept_on_error(headers: RawHeaders, status: int, drop: frozenset[bytes]) -> RawHeaders:
+def kept_on_error(
+    headers: RawHeaders, status: int, drop: frozenset[bytes], allowed: frozenset[bytes] = SERVER_ERROR_HEADERS
+) -> RawHeaders:
     """What an error answer with `status` keeps of the headers of the response it replaces.
 
-    A 5xx keeps SERVER_ERROR_HEADERS and CORS's; a 4xx all but `drop`. A
-    Retry-After is kept for the client to act on, so only in a form it can.
+    A 5xx keeps `allowed` and CORS's; a 4xx all but `drop`. A Retry-After is
+    kept for the client to act on, so only in a form it can.
     """
     kept: RawHeaders = []
     for pair in headers:
         name = pair[0].lower()
         if status >= 500:
-            if name not in SERVER_ERROR_HEADERS and not name.startswith(b"access-control-"):
+            if name not in allowed and not name.startswith(b"access-control-"):
                 continue
         elif name in drop:
             continue

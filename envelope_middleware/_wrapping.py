@@ -9,6 +9,7 @@ from starlette.types import Message
 from envelope_middleware._exchange_state import JOIN_LIMIT, PASS, WRAP_BUFFER, WRAP_STREAM, ExchangeState
 from envelope_middleware._http import (
     BOM,
+    INVALID_BODY_HEADERS,
     JSON_WHITESPACE,
     RawHeaders,
     as_bytes,
@@ -73,10 +74,8 @@ class Wrapping(ExchangeState):
                 reason=problem,
             )
             failure = self.middleware.errors.for_code("downstream_invalid_response")
-            # As a service's own 5xx keeps them: CORS's, caching's, a replay's marks.
-            headers = kept_on_error(
-                as_bytes(held.get("headers") or []), failure.status, self.middleware.error_drop
-            )
+            given = as_bytes(held.get("headers") or [])
+            headers = kept_on_error(given, failure.status, self.middleware.error_drop, INVALID_BODY_HEADERS)
             await self._send_error(failure, headers)
             return
         prefix = b'{"request_id":"' + self.request_id + b'","data":'

@@ -134,9 +134,11 @@ _RECORD_ATTRIBUTES = frozenset(
 
 def _add_record_extras(_logger: Any, _method_name: str, event_dict: EventDict) -> EventDict:
     """A stdlib record's `extra=` fields, as structlog's ExtraAdder adds them; uvicorn's colours left out."""
-    # ProcessorFormatter puts the record there before its pre-chain runs.
+    # ProcessorFormatter puts the record there before its pre-chain runs. A None says
+    # nothing (RequestIdFilter's request_id outside a request); `level`, `timestamp`,
+    # `logger` and `exception` are the line's own, set after this.
     for key, value in vars(event_dict["_record"]).items():
-        if key not in _RECORD_ATTRIBUTES and key not in event_dict:
+        if value is not None and key not in _RECORD_ATTRIBUTES and key not in event_dict:
             event_dict[key] = value
     return event_dict
 

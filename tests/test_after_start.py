@@ -108,6 +108,27 @@ async def test_envelope_never_starts_twice_once_bytes_are_out(logs: Any) -> None
     assert event["response_complete"] is False
 
 
+async def test_envelope_notes_only_the_last_request_on_an_exception_raised_by_several() -> None:
+    shared = RuntimeError("the ledger connection died")  # one object, as a shared future's
+    plain = start(200, [(b"content-type", b"text/plain")])
+    app = EnvelopeMiddleware(scripted(plain, body(b"partial", more=True), raise_after=shared))
+    shared.add_note("the app's own note")
+    ids = []
+    for _ in range(3):
+        messages: list[Message] = []
+
+        async def send(message: Message, messages: list[Message] = messages) -> None:
+            messages.append(message)
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        with pytest.raises(RuntimeError):
+            await app(_scope(), receive, send)
+        ids.append(Sent(messages).header("x-request-id"))
+    assert shared.__notes__ == ["the app's own note", f"request_id: {ids[-1]}"]
+
+
 async def test_envelope_trusted_stream_that_fails_midway_is_not_completed() -> None:
     app = scripted(start(200, [JSON]), body(b'{"a": [1', more=True), raise_after=RuntimeError("backend died"))
     messages: list[Message] = []
@@ -146,6 +167,7 @@ async def test_envelope_a_disconnect_after_the_response_hides_no_later_exception
     [event] = [e for e in logs.entries if e["log_level"] == "error"]
     assert (event["event"], event["response_complete"]) == ("exception_after_response_started", True)
     assert str(event["exc_info"]) == "background task failed"
+    assert not hasattr(event["exc_info"], "__notes__")  # it stands: not re-raised, no note
     assert event["request_id"] == sent.header("x-request-id")
     assert not any(e["event"] == "client_disconnected" for e in logs.entries)
 

@@ -243,6 +243,41 @@ async def test_envelope_maps_a_class_by_the_name_its_package_re_exports_it_under
     assert_error(await call(app), 503, "service_unavailable")
 
 
+async def test_envelope_finds_a_name_in_a_submodule_imported_after_its_exceptions_were_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    package = ModuleType("ledger_client")
+    package.__path__ = []  # a package: its submodule may be imported later
+    monkeypatch.setitem(sys.modules, "ledger_client", package)
+    app = envelope(
+        raising(LedgerDown()), exception_codes={"ledger_client.errors.LedgerDown": "service_unavailable"}
+    )
+    assert_error(await call(app), 500, "internal")  # not imported yet: nothing to tell
+    errors = ModuleType("ledger_client.errors")
+    errors.LedgerDown = LedgerDown  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ledger_client.errors", errors)
+    assert_error(await call(app), 503, "service_unavailable")  # the same type, looked up again
+
+
+async def test_envelope_never_calls_a_modules_own_getattr_for_exception_codes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    called: list[str] = []
+
+    def on_demand(name: str) -> Any:
+        called.append(name)
+        raise ImportError(name)
+
+    lazy = ModuleType("ledger_client")
+    lazy.__getattr__ = on_demand  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "ledger_client", lazy)
+    app = envelope(
+        raising(KeyError("k")), exception_codes={"ledger_client.LedgerDown": "service_unavailable"}
+    )
+    assert_error(await call(app), 500, "internal")
+    assert called == []
+
+
 async def test_envelope_drops_a_name_its_package_turns_out_to_lack(monkeypatch: pytest.MonkeyPatch) -> None:
     codes = {"ledger_client.Gone": "service_unavailable", "KeyError": "resource_not_found"}
     app = envelope(raising(KeyError("k")), exception_codes=codes)

@@ -399,11 +399,16 @@ async def test_envelope_5xx_keeps_only_headers_that_reveal_nothing() -> None:
         (b"x-backend-host", b"orders-7.internal"),
         (b"retry-after", b"5"),
         (b"access-control-allow-origin", b"*"),
+        # A service's own: it is no replay by this gateway, and its id is internal.
+        (b"idempotent-replayed", b"true"),
+        (b"original-request-id", b"orders-internal-42"),
     ]
     sent = await call(envelope(scripted(start(503, headers), body(b"down"))))
     assert_error(sent, 503, "service_unavailable")
     assert sent.header("server") is None
     assert sent.header("x-backend-host") is None
+    assert sent.header("idempotent-replayed") is None
+    assert sent.header("original-request-id") is None
     assert sent.header("retry-after") == "5"
     assert sent.header("access-control-allow-origin") == "*"
 

@@ -86,14 +86,16 @@ async def test_envelope_502_for_json_that_is_not_keeps_the_headers_a_server_erro
         (b"idempotent-replayed", b"true"),
         (b"server", b"orders-7.internal"),
         (b"retry-after", b"soon; host=db-1.internal"),
+        (b"cache-control", b"public, max-age=3600"),
+        (b"expires", b"Thu, 01 Jan 2099 00:00:00 GMT"),
     ]
     sent = await call(envelope(scripted(start(200, headers), body(b'{"a": '))))
     assert_error(sent, 502, "downstream_invalid_response")
     assert sent.header("set-cookie") == "session=1"
     assert sent.header("access-control-allow-origin") == "https://partner.example"
     assert sent.header("idempotent-replayed") == "true"
-    assert sent.header("server") is None
-    assert sent.header("retry-after") is None
+    # Not the host, nor the caching of the data the error stands in for.
+    assert [sent.header(name) for name in ("server", "retry-after", "cache-control", "expires")] == [None] * 4
 
 
 async def test_envelope_answers_502_for_json_nested_deeper_than_the_parser_allows() -> None:

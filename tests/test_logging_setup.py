@@ -379,7 +379,7 @@ def test_configure_logging_keeps_a_stdlib_records_extra_fields(stream: Stream) -
     async def legacy(request: Request) -> Response:
         log = logging.getLogger("legacy.module")
         log.warning("shipped", extra={"order_id": "ord_1"})
-        log.warning("relayed", extra={"request_id": "from-the-caller"})
+        log.warning("relayed", extra={"request_id": "from-the-caller", "nothing": None})
         return JSONResponse({})
 
     with TestClient(EnvelopeMiddleware(Starlette(routes=[Route("/", legacy)]))) as client:
@@ -387,6 +387,7 @@ def test_configure_logging_keeps_a_stdlib_records_extra_fields(stream: Stream) -
     shipped, relayed, _access = stream.lines()
     assert (shipped["order_id"], shipped["request_id"]) == ("ord_1", request_id)
     assert relayed["request_id"] == "from-the-caller"  # an id given with the record is kept
+    assert "nothing" not in relayed
     logging.getLogger("uvicorn.error").info("Started", extra={"color_message": "\x1b[1mStarted\x1b[0m"})
     assert "color_message" not in stream.lines()[-1]
 

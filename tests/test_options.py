@@ -68,7 +68,11 @@ def test_envelope_refuses_exception_codes_keyed_by_what_is_no_exception_type(key
 
 @pytest.mark.parametrize(
     ("key", "error"),
-    [("LedgerDown", "names no module"), ("json.NoSuchError", "names no exception class in 'json'")],
+    [
+        ("LedgerDown", "names no module"),
+        ("contextlib.NoSuchError", "names no exception class in 'contextlib'"),
+        ("contextlib.contextmanager", "names no exception class in 'contextlib'"),  # a function
+    ],
 )
 def test_envelope_refuses_exception_codes_names_that_can_match_nothing(key: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):

@@ -88,8 +88,7 @@ class Record(msgspec.Struct, array_like=True):
         if error is None:
             return
         pairs = [*self.headers, *self.replay_marks()]
-        # As the envelope encoded them (_header_pairs): it encodes them so again.
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in pairs]
+        headers = [(name.decode("utf-8"), value.decode("utf-8")) for name, value in pairs]
         details = orjson.loads(error.details)
         raised = ApiError(error.code, error.message, status=self.status, details=details, headers=headers)
         raised.default_message = error.default_message
@@ -144,10 +143,15 @@ def first_request_id(value: object) -> str | None:
 
 
 def _header_pairs(headers: Mapping[Any, Any]) -> list[tuple[bytes, bytes]]:
-    # What the envelope sends of them, as it encodes them: numbers written out,
-    # anything that is not a header dropped. Recording the app's values as they
-    # were failed the request on a number (a 500 that freed the key).
-    return [pair for name, value in headers.items() if (pair := encode_header(name, value)) is not None]
+    # What the envelope sends of them: numbers written out, anything that is no
+    # header dropped (recording the app's values as they were failed the request
+    # on a number, a 500 that freed the key). Stored as UTF-8 text, as records
+    # always were: the envelope encodes the replayed text as it did the first time.
+    return [
+        (encoded[0], encoded[1].decode("latin-1").encode("utf-8"))
+        for name, value in headers.items()
+        if (encoded := encode_header(name, value)) is not None
+    ]
 
 
 def _json(details: Any) -> bytes:
