@@ -223,7 +223,7 @@ class ErrorPolicy:
         for name, spec in list(self._unresolved.items()):
             where = _find(name)
             if where is None:
-                continue  # cannot tell yet: asked again on the next new exception type
+                continue  # cannot tell yet: asked again at the next exception
             # pop, not del: two threads may resolve the same name.
             self._unresolved.pop(name, None)
             module, found = where
