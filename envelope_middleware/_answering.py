@@ -11,7 +11,9 @@ from envelope_middleware._keys import HANDED_OVER_KEY
 from envelope_middleware._wrapping import Wrapping
 
 _LOGGED_BODY_LIMIT = 2048  # of a replaced 5xx body, in the log
-_NOTE = "request_id: "  # the note on an exception re-raised after the start
+# The note on an exception re-raised after the start: marked as the middleware's,
+# so that it replaces only its own (an app may note an upstream's request id).
+_NOTE = "request_id: {} (envelope_middleware)"
 # What Starlette's ExceptionMiddleware raises, from the exception, when a handler
 # exists for an exception raised after the app's start: too late for the handler,
 # not for the middleware while it still holds that start. Starlette's own words:
@@ -80,10 +82,10 @@ class Answering(Wrapping):
                 # Re-raised, the server logs it too, after the request's context is
                 # reset: a note (PEP 678) puts the id in that line's traceback. One
                 # exception object may be raised by many requests: this one's only.
-                notes = getattr(exc, "__notes__", None)
-                if isinstance(notes, list):
-                    notes[:] = [note for note in notes if not str(note).startswith(_NOTE)]
-                exc.add_note(_NOTE + request_id)
+                notes = getattr(exc, "__notes__", [])
+                if isinstance(notes, list):  # add_note() refuses anything else
+                    notes[:] = [note for note in notes if not _is_own_note(note)]
+                    exc.add_note(_NOTE.format(request_id))
             return self.complete
         # Nothing has gone out: whatever the app had begun is discarded.
         self.held_start = None
@@ -142,6 +144,12 @@ class Answering(Wrapping):
             self.middleware.logger.warning(
                 "client_disconnected", request_id=self.request_id_str, exc_info=exc
             )
+
+
+def _is_own_note(note: object) -> bool:
+    return (
+        isinstance(note, str) and note.startswith("request_id: ") and note.endswith(" (envelope_middleware)")
+    )
 
 
 def _unwrap(exc: Exception) -> Exception:

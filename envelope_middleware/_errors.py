@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
-import sys
+import pkgutil
 from collections.abc import Iterable, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
-from types import ModuleType
 from typing import Any, Literal
 
 import orjson
@@ -97,7 +94,7 @@ class Failure:
 class ErrorPolicy:
     """Built once per middleware: the catalogue, the codes kept from services, the exception map."""
 
-    __slots__ = ("_allowed", "_by_name", "_by_type", "_catalogue", "_mapped", "_prebuilt", "_unresolved")
+    __slots__ = ("_allowed", "_by_name", "_by_type", "_catalogue", "_mapped", "_prebuilt")
 
     def __init__(
         self,
@@ -118,11 +115,12 @@ class ErrorPolicy:
         self._allowed = frozenset(allowed)
         by_type: dict[type[BaseException], ErrorSpec] = {}
         by_name: dict[str, ErrorSpec] = {}
+        resolved: dict[type[BaseException], ErrorSpec] = {}
         defaults = {key: code for key, code in DEFAULT_EXCEPTION_CODES.items() if code in catalogue}
         for key, code in {**defaults, **exception_codes}.items():
             if code not in catalogue:
                 raise ValueError(f"exception {key!r} maps to {code!r}, which is not in the catalogue")
-            if isinstance(key, str) and "." not in key:
+            if isinstance(key, str) and "." not in key and ":" not in key:
                 # A bare name can only mean a builtin; anything else matches nothing.
                 builtin = getattr(builtins, key, None)
                 if not (isinstance(builtin, type) and issubclass(builtin, BaseException)):
@@ -130,19 +128,19 @@ class ErrorPolicy:
                 by_type[builtin] = catalogue[code]
             elif isinstance(key, str):
                 by_name[key] = catalogue[code]
+                # The app's own names are found now, as it names them: one may name a
+                # class where its package re-exports it ("aiohttp.ClientConnectorError",
+                # of aiohttp.client_exceptions), which the lookup's comparison of module
+                # and qualname would never match. (The defaults are those own names.)
+                if key in exception_codes and (found := _resolve(key)) is not None:
+                    resolved[found] = catalogue[code]
             elif isinstance(key, type) and issubclass(key, BaseException):
                 by_type[key] = catalogue[code]
             else:
                 raise TypeError(f"exception_codes keys are exception types or 'module.QualName', not {key!r}")
-        self._by_type = by_type
+        self._by_type = {**resolved, **by_type}  # a type key given for the class wins
         self._by_name = by_name
         self._mapped: dict[type[BaseException], ErrorSpec | None] = {}
-        # The app's names not yet found as classes: one may name a class where its
-        # package re-exports it ("aiohttp.ClientConnectorError" for aiohttp.client_exceptions'),
-        # which its own module and qualname, all the lookup compares, do not match.
-        # (The defaults are those own names.)
-        self._unresolved = {key: spec for key, spec in by_name.items() if key in exception_codes}
-        self._resolve_names(refuse=set(self._unresolved))
         # The last resort of the serializer: bodies that cannot fail to build.
         self._prebuilt = {
             spec.code: orjson.dumps({"code": spec.code, "message": spec.message, "details": {}})
@@ -197,12 +195,12 @@ class ErrorPolicy:
             if exc.default_message and (spec := self._catalogue.get(exc.code)) is not None:
                 # A catalogue class raised without a message says what this catalogue says.
                 message = spec.message
-            return Failure(exc.status, exc.code, message, exc.details, _as_headers(exc.headers))
+            return Failure(exc.status, exc.code, message, exc.details, as_headers(exc.headers))
         if isinstance(exc, HTTPException) and 400 <= exc.status_code <= 599:
             code = self.fallback_code(exc.status_code, has_credentials=has_credentials)
             detail = _clean_message(exc.detail) if exc.status_code < 500 else None
             message = detail or self._default_message(code)
-            return Failure(exc.status_code, code, message, {}, _as_headers(exc.headers))
+            return Failure(exc.status_code, code, message, {}, as_headers(exc.headers))
         spec = self._lookup(type(exc))
         if spec is None:
             return Failure(500, "internal", self._default_message("internal"), log="error")
@@ -212,35 +210,7 @@ class ErrorPolicy:
             spec = self._catalogue["downstream_invalid_response"]
         return Failure(spec.status, spec.code, spec.message, log="warning")
 
-    def _resolve_names(self, refuse: AbstractSet[str] = frozenset()) -> None:
-        """Map the classes the unresolved names find, as a type key would.
-
-        Only in modules already imported: optional libraries are never imported
-        here. A name in `refuse` (when the middleware is built) that finds nothing
-        in its imported module is a ValueError; later, while answering, such a
-        name is dropped.
-        """
-        for name, spec in list(self._unresolved.items()):
-            where = _find(name)
-            if where is None:
-                continue  # cannot tell yet: asked again at the next exception
-            # pop, not del: two threads may resolve the same name.
-            self._unresolved.pop(name, None)
-            module, found = where
-            if found is None:
-                if name in refuse:
-                    raise ValueError(f"exception_codes key {name!r} names no exception class in {module!r}")
-                continue
-            if f"{found.__module__}.{found.__qualname__}" != name and found not in self._by_type:
-                self._by_type[found] = spec  # a type key given for the class wins
-                self._mapped.clear()  # types looked up before the name was found
-
     def _lookup(self, exc_type: type[BaseException]) -> ErrorSpec | None:
-        if self._unresolved:
-            # Before the cache: a package imported since may have a class it already holds.
-            # Answering a request: whatever an odd module does, it must not fail it.
-            with contextlib.suppress(Exception):
-                self._resolve_names()
         try:
             return self._mapped[exc_type]
         except KeyError:
@@ -292,36 +262,29 @@ class ErrorPolicy:
         return orjson.dumps({"code": code, "message": "The request failed.", "details": {}})
 
 
-def _find(name: str) -> tuple[str, type[BaseException] | None] | None:
-    """Where a dotted name's class is, if that can be told without importing or calling anything.
+def _resolve(name: str) -> type[BaseException] | None:
+    """The exception class an exception_codes name names, its module imported as the app asked.
 
-    None while it cannot: no prefix of the name is imported, or the rest may be
-    a submodule not imported yet or an attribute its module makes on demand (a
-    module `__getattr__`, not called here). Otherwise the imported module's
-    name, and the exception class, or None when there is none there.
+    None when the name's top-level package is not installed: the app cannot
+    raise its exceptions, and the name matches nothing. Any other name that
+    finds no exception class is a ValueError, when the middleware is built.
     """
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        found: object = sys.modules.get(module_name)
-        if found is None:
-            continue
-        for attribute in parts[split:]:
-            namespace = getattr(found, "__dict__", {})
-            following = namespace.get(attribute) if isinstance(namespace, Mapping) else None
-            if following is None:
-                if isinstance(found, ModuleType) and ("__path__" in namespace or "__getattr__" in namespace):
-                    return None
-                return module_name, None
-            found = following
-        if isinstance(found, type) and issubclass(found, BaseException):
-            return module_name, found
-        return module_name, None
-    return None
+    try:
+        found = pkgutil.resolve_name(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name.partition(".")[0]:
+            return None
+        raise ValueError(f"exception_codes key {name!r} cannot be imported: {exc}") from exc
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"exception_codes key {name!r} names nothing that can be found: {exc}") from exc
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        raise TypeError(f"exception_codes key {name!r} names {found!r}, not an exception class")
+    return found
 
 
-def _as_headers(value: object) -> Mapping[Any, Any]:
-    # The one place exception headers become a Failure's: a mapping as it is,
+def as_headers(value: object) -> Mapping[Any, Any]:
+    """An exception's headers as a mapping, however it holds them."""
+    # Where exception headers become a Failure's or a record's: a mapping as it is,
     # (name, value) pairs as the mapping they spell (HTTPException keeps what it
     # was given; a subclass may replace an ApiError's), anything else dropped.
     if value is None or isinstance(value, Mapping):

@@ -104,15 +104,25 @@ async def test_envelope_never_starts_twice_once_bytes_are_out(logs: Any) -> None
     request_id = Sent(messages).header("x-request-id")
     assert event["request_id"] == request_id
     # What the server logs of it, outside the request's context, carries the id too.
-    assert raised.value.__notes__ == [f"request_id: {request_id}"]
+    assert raised.value.__notes__ == [f"request_id: {request_id} (envelope_middleware)"]
     assert event["response_complete"] is False
+
+
+async def test_envelope_leaves_an_exception_whose_notes_are_no_list_as_it_is() -> None:
+    odd = RuntimeError("late")
+    odd.__notes__ = ("a tuple",)  # type: ignore[assignment]  # add_note() would refuse it
+    plain = start(200, [(b"content-type", b"text/plain")])
+    with pytest.raises(RuntimeError, match="late") as raised:
+        await call(EnvelopeMiddleware(scripted(plain, body(b"partial", more=True), raise_after=odd)))
+    assert raised.value is odd
+    assert odd.__notes__ == ("a tuple",)  # type: ignore[comparison-overlap]
 
 
 async def test_envelope_notes_only_the_last_request_on_an_exception_raised_by_several() -> None:
     shared = RuntimeError("the ledger connection died")  # one object, as a shared future's
     plain = start(200, [(b"content-type", b"text/plain")])
     app = EnvelopeMiddleware(scripted(plain, body(b"partial", more=True), raise_after=shared))
-    shared.add_note("the app's own note")
+    shared.add_note("request_id: 7f3a of the ledger service")  # the app's own, kept
     ids = []
     for _ in range(3):
         messages: list[Message] = []
@@ -126,7 +136,10 @@ async def test_envelope_notes_only_the_last_request_on_an_exception_raised_by_se
         with pytest.raises(RuntimeError):
             await app(_scope(), receive, send)
         ids.append(Sent(messages).header("x-request-id"))
-    assert shared.__notes__ == ["the app's own note", f"request_id: {ids[-1]}"]
+    assert shared.__notes__ == [
+        "request_id: 7f3a of the ledger service",
+        f"request_id: {ids[-1]} (envelope_middleware)",
+    ]
 
 
 async def test_envelope_trusted_stream_that_fails_midway_is_not_completed() -> None:

@@ -399,6 +399,7 @@ async def test_envelope_5xx_keeps_only_headers_that_reveal_nothing() -> None:
         (b"x-backend-host", b"orders-7.internal"),
         (b"retry-after", b"5"),
         (b"access-control-allow-origin", b"*"),
+        (b"cache-control", b"no-store"),
         # A service's own: it is no replay by this gateway, and its id is internal.
         (b"idempotent-replayed", b"true"),
         (b"original-request-id", b"orders-internal-42"),
@@ -411,6 +412,7 @@ async def test_envelope_5xx_keeps_only_headers_that_reveal_nothing() -> None:
     assert sent.header("original-request-id") is None
     assert sent.header("retry-after") == "5"
     assert sent.header("access-control-allow-origin") == "*"
+    assert sent.header("cache-control") == "no-store"
 
 
 @pytest.mark.parametrize("status", [429, 503])

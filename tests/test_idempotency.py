@@ -985,6 +985,10 @@ async def test_idempotency_recorded_exceptions_keep_their_headers_and_odd_detail
             raise HTTPException(404, detail="No such order.", headers={"X-Hint": "check the id"})
         if kind == "http-500":
             raise HTTPException(500)
+        if kind == "pairs":
+            error = StateInvalidTransition()
+            error.headers = [("X-Hint", "as pairs")]  # type: ignore[assignment]  # as a subclass may hold them
+            raise error
         # Numbers are written out and what is no header dropped, as without a key.
         odd: dict[str, Any] = {"X-Retry-Hint": 5, "X-Ratio": 0.5, "X-None": None, "X-Latin": "café"}
         raise StateInvalidTransition(details={"big": 2**70}, headers={"X-Hint": "archived", **odd})
@@ -1003,7 +1007,7 @@ async def test_idempotency_recorded_exceptions_keep_their_headers_and_odd_detail
             kind: [
                 await http.post(f"/orders?kind={kind}", content=b"{}", headers=keyed(kind)) for _ in range(2)
             ]
-            for kind in ("http", "api", "http-500")
+            for kind in ("http", "api", "http-500", "pairs")
         }
     first, replay = answers["http"]
     assert first.status_code == replay.status_code == 404
@@ -1021,8 +1025,12 @@ async def test_idempotency_recorded_exceptions_keep_their_headers_and_odd_detail
     assert replay.json()["error"]["code"] == "state_invalid_transition"
     assert replay.json()["error"]["details"] == {}  # a number JSON cannot carry is not kept
     assert [answer.status_code for answer in answers["http-500"]] == [500, 500]
+    first, replay = answers["pairs"]
+    assert first.status_code == replay.status_code == 422
+    assert first.headers["x-hint"] == replay.headers["x-hint"] == "as pairs"
+    assert replay.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in answers["http-500"][1].headers
-    assert len(writes) == 4  # http once, api once, http-500 twice
+    assert len(writes) == 5  # http once, api once, http-500 twice, pairs once
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,8 @@ async def test_envelope_502_for_json_that_is_not_keeps_the_headers_a_server_erro
         (b"set-cookie", b"session=1"),
         (b"access-control-allow-origin", b"https://partner.example"),
         (b"idempotent-replayed", b"true"),
+        (b"original-request-id", b"9f8ffaa5b363078ddb350784c44bf9e9"),
+        (b"pragma", b"cache"),
         (b"server", b"orders-7.internal"),
         (b"retry-after", b"soon; host=db-1.internal"),
         (b"cache-control", b"public, max-age=3600"),
@@ -94,8 +96,10 @@ async def test_envelope_502_for_json_that_is_not_keeps_the_headers_a_server_erro
     assert sent.header("set-cookie") == "session=1"
     assert sent.header("access-control-allow-origin") == "https://partner.example"
     assert sent.header("idempotent-replayed") == "true"
+    assert sent.header("original-request-id") == "9f8ffaa5b363078ddb350784c44bf9e9"
     # Not the host, nor the caching of the data the error stands in for.
-    assert [sent.header(name) for name in ("server", "retry-after", "cache-control", "expires")] == [None] * 4
+    dropped = ("server", "retry-after", "cache-control", "expires", "pragma")
+    assert [sent.header(name) for name in dropped] == [None] * 5
 
 
 async def test_envelope_answers_502_for_json_nested_deeper_than_the_parser_allows() -> None:

@@ -6,6 +6,7 @@ From Options: all keyword-only, validated once when the middleware is built.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,8 +71,9 @@ def test_envelope_refuses_exception_codes_keyed_by_what_is_no_exception_type(key
     ("key", "error"),
     [
         ("LedgerDown", "names no module"),
-        ("contextlib.NoSuchError", "names no exception class in 'contextlib'"),
-        ("contextlib.contextmanager", "names no exception class in 'contextlib'"),  # a function
+        ("json.NoSuchError", "names nothing that can be found"),
+        ("json..JSONDecodeError", "names nothing that can be found"),
+        ("email.no_such_module.Error", "names nothing that can be found"),
     ],
 )
 def test_envelope_refuses_exception_codes_names_that_can_match_nothing(key: str, error: str) -> None:
@@ -79,8 +81,23 @@ def test_envelope_refuses_exception_codes_names_that_can_match_nothing(key: str,
         EnvelopeMiddleware(scripted(), exception_codes={key: "internal"})
 
 
-def test_envelope_takes_exception_codes_names_in_modules_not_imported_yet() -> None:
-    EnvelopeMiddleware(scripted(), exception_codes={"not_imported_yet.LedgerDown": "internal"})
+def test_envelope_refuses_exception_codes_names_of_what_is_no_exception_class() -> None:
+    with pytest.raises(TypeError, match="not an exception class"):
+        EnvelopeMiddleware(scripted(), exception_codes={"json.loads": "internal"})
+
+
+def test_envelope_refuses_exception_codes_names_in_modules_that_cannot_be_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ledger_errors.py").write_text("import not_installed_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot be imported"):
+        EnvelopeMiddleware(scripted(), exception_codes={"ledger_errors.LedgerDown": "internal"})
+
+
+def test_envelope_takes_exception_codes_names_of_packages_not_installed() -> None:
+    # A shared mapping may name a client library this gateway does not use.
+    EnvelopeMiddleware(scripted(), exception_codes={"not_installed_here.LedgerDown": "internal"})
 
 
 def test_envelope_rejects_exception_codes_outside_the_catalogue() -> None:

@@ -9,6 +9,7 @@ from typing import Any, TypeGuard
 import msgspec
 import orjson
 
+from envelope_middleware._errors import as_headers
 from envelope_middleware._http import encode_header, is_int_status
 from envelope_middleware.exceptions import ApiError
 
@@ -132,7 +133,7 @@ def error_record(exc: BaseException, request_id: str | None) -> Record | None:
     if isinstance(exc, ApiError) and is_recorded(exc.status):
         details = _json(exc.details)
         error = RaisedError(exc.code, exc.message, details, default_message=exc.default_message)
-        return Record(request_id, exc.status, _header_pairs(exc.headers), error=error)
+        return Record(request_id, exc.status, _header_pairs(as_headers(exc.headers)), error=error)
     return None
 
 
