@@ -357,6 +357,13 @@ def report(costs: dict[str, float], count: int) -> str:
     return "\n".join(lines)
 
 
+def publish(text: str, markdown: str | Path | None) -> None:
+    """Print a report, and write it to the `--markdown` file when one is named."""
+    print(text)
+    if markdown:
+        Path(markdown).write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -373,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = list(pool.map(lambda stack: per_request(stack, args.count), STACKS))
     text = report(dict(zip(STACKS, counts, strict=True)), args.count)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    publish(text, args.markdown)
     return 0
 
 

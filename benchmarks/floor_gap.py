@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from floor import STACKS, service
+from floor import STACKS, publish, service
 from inprocess import SCOPE, code_version, receive
 from starlette.types import Message
 
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     text = report()
-    print(text)
-    if args.markdown is not None:
-        args.markdown.write_text(text + "\n")
+    publish(text, args.markdown)
     return 0
 
 

@@ -32,7 +32,7 @@ import signal
 import sys
 from pathlib import Path
 
-from floor import CALLGRIND, build_compiled_layer, collected, compiled_wheel_package
+from floor import CALLGRIND, build_compiled_layer, collected, compiled_wheel_package, publish
 from inprocess import code_version
 from load import AUTH, FACTORY, LABELS, free_port, start_server
 
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         costs[stack] = (count(stack, args.requests) - count(stack, 0)) / args.requests
         print(f"{LABELS[stack]:<52} {costs[stack] / 1000:8.1f}k", file=sys.stderr)
     text = report(costs, args.requests)
-    print(text)
-    if args.markdown is not None:
-        args.markdown.write_text(text + "\n")
+    publish(text, args.markdown)
     return 0
 
 
